@@ -1,0 +1,391 @@
+"""Data sets, batches, pictures and 2-D metrics shared by every trilemma method.
+
+Images come back as uint8 tensors (N, C, H, W) and are mapped to [-1, 1] only when batched, so a
+cached data set stays small. Built-in sets:
+  glyphs       ten digit classes drawn with Pillow's bundled font; no download, made in seconds
+  cifar10      torchvision's CIFAR-10 (needs a download or an existing copy in --data-dir)
+  mnist        torchvision's MNIST, 1 channel (../shared/data holds a copy for offline use)
+  path/to/dir  any image-folder tree (class sub-folders, optionally under train/ and test/)
+  swirl        the shortcut-MCMC 1.5-turn spiral of 1024 points, standardised per axis
+  25gaussians  means on {-4,-2,0,2,4}^2 with std 0.05, at their natural scale (METHODS.md)
+
+    x, y, class_names = load("glyphs", image_size=16)
+    for x_batch, y_batch in batches(x, y, 128, flip=False): ...
+"""
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SETS = ("glyphs", "cifar10", "mnist")  # anything else that is a directory is an image folder
+POINT_SETS = ("swirl", "25gaussians")
+LIMITS = {"25gaussians": 5.5, "swirl": 3.0}  # scatter axes are [-L, L]^2
+
+
+def is_2d(name):
+    """True for the 2-D point sets."""
+    return name in POINT_SETS
+
+
+# ---------------------------------------------------------------------------------------------
+# glyphs: rendered digits
+# ---------------------------------------------------------------------------------------------
+_UP = 4  # render at 4x and average 4x4 blocks: antialiased edges at the final size
+
+
+@functools.lru_cache(maxsize=4)
+def _glyph_bank(size):
+    """Pre-rendered digit masks in [0, 1]: (sizes, weights, 10, _UP, _UP, m, m) and each size's box m_k.
+
+    One mask per digit, ink height, stroke weight and sub-pixel shift, so that making N images is only
+    indexing and compositing in numpy (no per-image drawing)."""
+    heights = np.linspace(0.45, 0.85, 5) * size  # ink height in output pixels
+    masks, boxes = [], []
+    for h in heights:
+        font = ImageFont.load_default(size=max(4, round(h * _UP / 0.75)))  # ink is ~0.75 of the font size
+        inks = [[_ink(d, font, w) for d in "0123456789"] for w in (0, round(h * _UP / 18))]
+        m = math.ceil(max(max(i.shape) for row in inks for i in row) / _UP) + 1  # box, +1 for the shift
+        boxes.append(m)
+        masks.append([[_shifted(ink, m) for ink in row] for row in inks])
+    m_max = max(boxes)
+    bank = np.zeros((len(heights), 2, 10, _UP, _UP, m_max, m_max), np.float32)
+    for k, m in enumerate(boxes):
+        bank[k, :, :, :, :, :m, :m] = np.array(masks[k])  # pad every size to one shape, top-left
+    return bank, np.array(boxes)
+
+
+def _ink(digit, font, stroke):
+    """One digit at high resolution, cropped to its ink, as a float array in [0, 1]."""
+    left, top, right, bottom = font.getbbox(digit, stroke_width=stroke)
+    img = Image.new("L", (right - left + 2, bottom - top + 2))
+    ImageDraw.Draw(img).text((1 - left, 1 - top), digit, fill=255, font=font,
+                             stroke_width=stroke, stroke_fill=255)
+    return np.asarray(img.crop(img.getbbox()), np.float32) / 255
+
+
+def _shifted(ink, m):
+    """The ink centred in an m x m box at every sub-pixel shift, downsampled: (_UP, _UP, m, m)."""
+    h, w = ink.shape
+    out = np.zeros((_UP, _UP, m, m), np.float32)
+    top, left = (m * _UP - _UP - h) // 2, (m * _UP - _UP - w) // 2
+    for dy in range(_UP):
+        for dx in range(_UP):
+            big = np.zeros((m * _UP, m * _UP), np.float32)
+            big[top + dy:top + dy + h, left + dx:left + dx + w] = ink
+            out[dy, dx] = big.reshape(m, _UP, m, _UP).mean((1, 3))  # area average = antialiasing
+    return out
+
+
+def _glyphs(n, size, rng):
+    """n RGB digit images (n, 3, size, size) uint8 and labels 0..9 (balanced, shuffled)."""
+    bank, boxes = _glyph_bank(size)
+    y = rng.permutation(np.arange(n) % 10)
+    k = rng.integers(0, bank.shape[0], n)  # ink height class
+    weight = rng.integers(0, 2, n)  # regular or bold
+    shift = rng.integers(0, _UP, (n, 2))  # sub-pixel position
+    oy, ox = (rng.random((2, n)) * (size - boxes[k] + 1)).astype(int)  # whole box stays inside
+    fg, bg = rng.random((n, 3)), rng.random((n, 3))
+    luma = np.array([0.299, 0.587, 0.114])
+    while True:  # redraw colour pairs until the digit stands out (luminance difference >= 0.4)
+        bad = np.abs((fg - bg) @ luma) < 0.4
+        if not bad.any():
+            break
+        fg[bad], bg[bad] = rng.random((bad.sum(), 3)), rng.random((bad.sum(), 3))
+    m = bank.shape[-1]
+    x = np.empty((n, 3, size, size), np.uint8)
+    for s in range(0, n, 4096):  # chunks keep the float canvas small
+        i = np.arange(s, min(s + 4096, n))
+        canvas = np.zeros((len(i), size + m, size + m), np.float32)
+        rows = oy[i, None, None] + np.arange(m)[None, :, None]  # (B, m, 1)
+        cols = ox[i, None, None] + np.arange(m)[None, None, :]  # (B, 1, m)
+        canvas[np.arange(len(i))[:, None, None], rows, cols] = bank[k[i], weight[i], y[i],
+                                                                     shift[i, 0], shift[i, 1]]
+        alpha = canvas[:, None, :size, :size]  # (B, 1, size, size)
+        img = bg[i, :, None, None] + alpha * (fg - bg)[i, :, None, None]  # (B, 3, size, size)
+        x[i] = np.round(img * 255)
+    return torch.from_numpy(x), torch.from_numpy(y).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-D point sets
+# ---------------------------------------------------------------------------------------------
+def _swirl_u8(n, rng):
+    """The swirl's 8-bit values (n, 2) as in the shortcut-MCMC code (METHODS.md)."""
+    theta = 3 * np.pi * np.sqrt(rng.random(n))
+    r = 2 * theta + np.pi
+    x = np.stack([r * np.cos(theta), r * np.sin(theta)], 1)
+    return np.clip(4 * (x + 0.25 * rng.standard_normal((n, 2)) + 30), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _swirl_stats():
+    """Per-axis mean and std of one large fixed draw, so every split shares one scaling."""
+    ref = _swirl_u8(1_000_000, np.random.default_rng(20230104)).astype(np.float64)
+    return ref.mean(0), ref.std(0)
+
+
+def swirl_scale():
+    """(mean, std) float32 tensors (2,): x_8bit = x * std + mean recovers the swirl's 8-bit values."""
+    mean, std = _swirl_stats()
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def _means_25():
+    """The 25 means on {-4,-2,0,2,4}^2; mode k = 5 i + j sits at (-4 + 2i, -4 + 2j)."""
+    g = np.arange(-4.0, 5.0, 2.0)
+    return np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(25, 2)  # (25, 2)
+
+
+def _points(name, n, rng):
+    """n points (n, 2) float32 and labels (mode index for 25gaussians, zeros for swirl)."""
+    if name == "25gaussians":
+        y = rng.integers(0, 25, n)
+        x = _means_25()[y] + 0.05 * rng.standard_normal((n, 2))
+    else:
+        mean, std = _swirl_stats()
+        x, y = (_swirl_u8(n, rng) - mean) / std, np.zeros(n, np.int64)
+    return torch.from_numpy(x).float(), torch.from_numpy(y).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# real images
+# ---------------------------------------------------------------------------------------------
+def _fit(x, size):
+    """Resize (..., H, W) uint8 so the shorter side is `size` (antialiased), then centre-crop."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return TF.center_crop(TF.resize(x, size, antialias=True), [size, size])
+
+
+def _torchvision(name, split, data_dir):
+    """CIFAR-10 or MNIST through torchvision: an existing copy first, then a download."""
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.MNIST
+    ds = None
+    for download in (False, True):  # download=False avoids touching the network for a local copy
+        try:
+            ds = cls(data_dir, train=split == "train", download=download)
+            break
+        except Exception:
+            pass
+    if ds is None:
+        raise ValueError(f"cannot download {name} to {data_dir} (offline?); use --data glyphs, or --data "
+                         "path/to/folder (an image-folder tree such as an extracted ../shared/data/"
+                         "cifar10-jpeg.tar.gz), or --data-dir pointing at an existing copy")
+    if name == "cifar10":
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    else:
+        x = ds.data.unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+    return x, torch.as_tensor(ds.targets).long(), list(ds.classes)
+
+
+def _folder(root, split, size):
+    """An image-folder tree as RGB uint8 (N, 3, size, size); root/train and root/test when present."""
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        root = os.path.join(root, split)
+    try:
+        ds = torchvision.datasets.ImageFolder(root)  # only to list files and classes
+    except (FileNotFoundError, OSError) as e:
+        raise ValueError(f"cannot read image folder {root}: {e}") from None
+    imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+            for p, _ in ds.samples]
+    if len({t.shape for t in imgs}) == 1:
+        x = _fit(torch.stack(imgs), size)  # one batched resize when every image has the same shape
+    else:
+        x = torch.stack([_fit(t, size) for t in imgs])
+    return x, torch.tensor(ds.targets).long(), list(ds.classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+def load(name, split="train", image_size=16, data_dir="./data", classes=None, seed=0):
+    """Return (x, y, class_names): images uint8 (N, C, image_size, image_size) or points float32 (N, 2),
+    labels int64 (N,). `classes` (names or indices as strings) keeps a subset, labels re-indexed 0..k-1.
+    Cached in memory: treat the returned tensors as read-only."""
+    return _load(name, split, int(image_size), data_dir, tuple(classes) if classes else None, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(name, split, image_size, data_dir, classes, seed):
+    """Cached body of load()."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split '{split}': choose train or test")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])  # test: a separate stream
+    if name in POINT_SETS:
+        if classes:
+            raise ValueError(f"--classes applies to image data sets, not {name}")
+        n = {"25gaussians": 100_000 if split == "train" else 2_500, "swirl": 1024}[name]
+        return *_points(name, n, rng), []
+    if name == "glyphs":
+        if image_size < 8:
+            raise ValueError(f"glyphs need an image size of at least 8, got {image_size}")
+        x, y = _glyphs(30_000 if split == "train" else 5_000, image_size, rng)
+        names = [str(d) for d in range(10)]
+    elif name in IMAGE_SETS:
+        x, y, names = _torchvision(name, split, data_dir)
+        x = _fit(x, image_size)
+    elif os.path.isdir(name):
+        x, y, names = _folder(name, split, image_size)
+    else:
+        raise ValueError(f"unknown dataset '{name}': choose glyphs, cifar10, mnist, swirl, 25gaussians "
+                         "or an image folder")
+    if classes:
+        keep = []
+        for c in classes:
+            if c in names:
+                keep.append(names.index(c))
+            elif c.isdigit() and int(c) < len(names):
+                keep.append(int(c))
+            else:
+                raise ValueError(f"unknown class '{c}' for {name}: choose from {', '.join(names)} "
+                                 f"or an index 0..{len(names) - 1}")
+        keep = list(dict.fromkeys(keep))  # drop repeats, keep the given order
+        new_label = torch.full((len(names),), -1, dtype=torch.long)
+        new_label[keep] = torch.arange(len(keep))
+        mask = new_label[y] >= 0
+        x, y, names = x[mask], new_label[y[mask]], [names[i] for i in keep]
+    return x, y, names
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+# ---------------------------------------------------------------------------------------------
+def to_float(x):
+    """uint8 images -> float32 in [-1, 1] (k / 127.5 - 1); float points pass through unchanged."""
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+
+
+def batches(x, y, batch_size, flip=False, seed=0, device="cpu"):
+    """Endless iterator of shuffled (x_batch float32, y_batch int64) on `device`, reshuffled each epoch.
+
+    Under torch.distributed each rank reads its own shard (DistributedSampler); batch_size is per
+    process. flip=True mirrors a random half of each image batch left-right."""
+    x, y = x.to(device), y.to(device)  # uint8 images are small: keep them on the device once
+    ddp = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if ddp else 0
+    sampler = torch.utils.data.DistributedSampler(range(len(x)), shuffle=True, seed=seed) if ddp else None
+    gen = torch.Generator().manual_seed(seed + rank)  # order (single process) and flips (per rank)
+    epoch = 0
+    while True:
+        if ddp:
+            sampler.set_epoch(epoch)  # same permutation on every rank, a different one each epoch
+            idx = torch.tensor(list(sampler))
+        else:
+            idx = torch.randperm(len(x), generator=gen)
+        if len(idx) < batch_size:  # tiny data set: repeat it so a full batch exists
+            idx = idx.repeat(math.ceil(batch_size / len(idx)))
+        for s in range(0, len(idx) - batch_size + 1, batch_size):  # drop_last
+            i = idx[s:s + batch_size].to(device)
+            xb = to_float(x[i])
+            if flip and xb.dim() == 4:
+                mirror = (torch.rand(batch_size, generator=gen) < 0.5).to(device)
+                xb = torch.where(mirror[:, None, None, None], xb.flip(3), xb)
+            yield xb, y[i]
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures
+# ---------------------------------------------------------------------------------------------
+def _save_png(img, path):
+    """Write a PIL image atomically (a half-written PNG is never seen under its real name)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _to_uint8(x):
+    """Images in [-1, 1] (or already uint8) -> uint8 on the CPU."""
+    x = x.detach().cpu()
+    return x if x.dtype == torch.uint8 else ((x.float() + 1) * 127.5).round().clamp(0, 255).byte()
+
+
+def save_grid(x, path, nrow=None, real=None):
+    """Save images (N, C, H, W) in [-1, 1] as one PNG grid, nrow per row (default ~sqrt(N)); `real`
+    images (M, C, H, W) add one row at the bottom after a small gap. Small images are upscaled."""
+    x = _to_uint8(x)
+    nrow = nrow or math.ceil(math.sqrt(len(x)))
+    grid = torchvision.utils.make_grid(x, nrow=nrow, padding=1, pad_value=255)  # (3, Hg, Wg)
+    if real is not None:
+        ncol = min(nrow, len(x))  # the real row is as wide as the grid
+        r = _to_uint8(real[:ncol])
+        blank = torch.full((ncol - len(r), *x.shape[1:]), 255, dtype=torch.uint8)
+        row = torchvision.utils.make_grid(torch.cat([r, blank]), nrow=ncol, padding=1, pad_value=255)
+        gap = torch.full((3, 2, grid.shape[2]), 255, dtype=torch.uint8)
+        grid = torch.cat([grid, gap, row], 1)
+    scale = max(1, min(4, 128 // x.shape[2]))  # x4 for 32x32 and smaller, so the PNG is readable
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    _save_png(img.resize((img.width * scale, img.height * scale), Image.NEAREST), path)
+
+
+def save_scatter(points, path, name, real=None, color=(200, 40, 40), titles=None):
+    """Scatter 2-D points (N, 2) over `real` points in light grey on fixed axes [-L, L]^2
+    (L = LIMITS[name]); a list of point sets draws side-by-side panels with optional titles."""
+    panels = list(points) if isinstance(points, (list, tuple)) else [points]
+    size, gap, top = 400, 10, 20 if titles else 0
+    lim = LIMITS.get(name, 3.0)
+    canvas = np.full((size + top, len(panels) * (size + gap) - gap, 3), 255, np.uint8)
+
+    def dots(p, left, rgb):
+        """2x2-pixel dots; points outside the axes are pinned to the frame so divergence shows."""
+        p = torch.as_tensor(p).detach().cpu().double().numpy().reshape(-1, 2)
+        col = np.clip((p[:, 0] + lim) / (2 * lim) * (size - 2), 0, size - 2).astype(int)
+        row = np.clip((lim - p[:, 1]) / (2 * lim) * (size - 2), 0, size - 2).astype(int)  # y up
+        for dy in (0, 1):
+            for dx in (0, 1):
+                canvas[top + row + dy, left + col + dx] = rgb
+
+    for j, p in enumerate(panels):
+        if real is not None:
+            dots(real, j * (size + gap), (200, 200, 200))
+        dots(p, j * (size + gap), color)
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    for j in range(len(panels)):
+        left = j * (size + gap)
+        draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(0, 0, 0))
+        if titles:
+            draw.text((left + 4, 3), str(titles[j]), fill=(0, 0, 0), font=ImageFont.load_default(size=13))
+    _save_png(img, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-D metrics
+# ---------------------------------------------------------------------------------------------
+def _mean_dist(a, b):
+    """E|A - B| over all pairs, in row chunks so large sets do not build one huge matrix."""
+    step = max(1, 2**22 // len(b))
+    return sum(torch.cdist(a[s:s + step], b).sum() for s in range(0, len(a), step)) / (len(a) * len(b))
+
+
+def _energy(a, b):
+    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic: >= 0, about 3/N for two real draws)."""
+    return float(2 * _mean_dist(a, b) - _mean_dist(a, a) - _mean_dist(b, b))
+
+
+def score_2d(samples, name, seed=0):
+    """Score samples (N, 2) against fresh held-out real points: 'energy', 'energy_floor' (two independent
+    real draws of size N) and, for 25gaussians, 'modes' (of 25), 'hq' (% within 0.15 = 3 std of the
+    nearest mean) and 'kl' (KL of the high-quality samples' mode histogram from uniform; log 25 if none)."""
+    if name not in POINT_SETS:
+        raise ValueError(f"score_2d needs a 2-D data set ({', '.join(POINT_SETS)}), got '{name}'")
+    x = torch.as_tensor(samples).detach().cpu().double().reshape(-1, 2)
+    n = len(x)
+    held_out, real_a, real_b = (_points(name, n, np.random.default_rng([seed, s]))[0].double()
+                                for s in (2, 3, 4))  # streams 0 and 1 are the train and test splits
+    out = {"energy": _energy(x, held_out), "energy_floor": _energy(real_a, real_b)}
+    if name == "25gaussians":
+        dist_to_mean, mode = torch.cdist(x, torch.from_numpy(_means_25())).min(1)
+        good = dist_to_mean <= 0.15
+        counts = torch.bincount(mode[good], minlength=25).double()
+        p = counts / counts.sum().clamp(min=1)
+        kl = (p * torch.log(p * 25 + 1e-12)).sum().item() if good.any() else math.log(25)
+        out.update(modes=int((counts > 0).sum()), hq=100 * good.double().mean().item(), kl=kl)
+    return out
