@@ -33,30 +33,35 @@ def is_2d(name):
     return name in POINT_SETS
 
 
-# ---------------------------------------------------------------------------------------------
-# glyphs: rendered digits
-# ---------------------------------------------------------------------------------------------
+# ---- glyphs: rendered digits ---------------------------------------------------------------
 _UP = 4  # render at 4x and average 4x4 blocks: antialiased edges at the final size
 
 
 @functools.lru_cache(maxsize=4)
 def _glyph_bank(size):
-    """Pre-rendered digit masks in [0, 1]: (sizes, weights, 10, _UP, _UP, m, m) and each size's box m_k.
+    """Pre-rendered digit masks in [0, 1]: (heights, weights, 10, _UP, _UP, m, m) and each height's box m_k.
 
     One mask per digit, ink height, stroke weight and sub-pixel shift, so that making N images is only
     indexing and compositing in numpy (no per-image drawing)."""
-    heights = np.linspace(0.45, 0.85, 5) * size  # ink height in output pixels
     masks, boxes = [], []
-    for h in heights:
-        font = ImageFont.load_default(size=max(4, round(h * _UP / 0.75)))  # ink is ~0.75 of the font size
-        inks = [[_ink(d, font, w) for d in "0123456789"] for w in (0, round(h * _UP / 18))]
-        m = math.ceil(max(max(i.shape) for row in inks for i in row) / _UP) + 1  # box, +1 for the shift
+    for h in np.linspace(0.45, 0.85, 5) * size:  # ink height in output pixels
+        while True:
+            fs = round(h * _UP / 0.72)  # the font's digits are ~0.72 of its size tall
+            stem = 0.09 * fs / _UP  # and their strokes ~0.09 of it wide, here in output pixels
+            # regular >= 1 output pixel and bold 1.6x that: stroke_width widens both sides, in 4x pixels
+            strokes = [round((t - stem) * _UP / 2) for t in (max(1.0, stem), max(1.6, 1.6 * stem))]
+            font = ImageFont.load_default(size=fs)
+            inks = [[_ink(d, font, w) for d in "0123456789"] for w in strokes]
+            m = math.ceil(max(max(i.shape) for row in inks for i in row) / _UP) + 1  # box, +1 for the shift
+            if m <= size:
+                break
+            h *= 0.95  # the bold digits overflow a tiny image: shrink until the box fits
         boxes.append(m)
         masks.append([[_shifted(ink, m) for ink in row] for row in inks])
     m_max = max(boxes)
-    bank = np.zeros((len(heights), 2, 10, _UP, _UP, m_max, m_max), np.float32)
+    bank = np.zeros((len(boxes), 2, 10, _UP, _UP, m_max, m_max), np.float32)
     for k, m in enumerate(boxes):
-        bank[k, :, :, :, :, :m, :m] = np.array(masks[k])  # pad every size to one shape, top-left
+        bank[k, :, :, :, :, :m, :m] = np.array(masks[k])  # pad every height to one shape, top-left
     return bank, np.array(boxes)
 
 
@@ -112,9 +117,7 @@ def _glyphs(n, size, rng):
     return torch.from_numpy(x), torch.from_numpy(y).long()
 
 
-# ---------------------------------------------------------------------------------------------
-# 2-D point sets
-# ---------------------------------------------------------------------------------------------
+# ---- 2-D point sets ------------------------------------------------------------------------
 def _swirl_u8(n, rng):
     """The swirl's 8-bit values (n, 2) as in the shortcut-MCMC code (METHODS.md)."""
     theta = 3 * np.pi * np.sqrt(rng.random(n))
@@ -153,9 +156,7 @@ def _points(name, n, rng):
     return torch.from_numpy(x).float(), torch.from_numpy(y).long()
 
 
-# ---------------------------------------------------------------------------------------------
-# real images
-# ---------------------------------------------------------------------------------------------
+# ---- real images ---------------------------------------------------------------------------
 def _fit(x, size):
     """Resize (..., H, W) uint8 so the shorter side is `size` (antialiased), then centre-crop."""
     if x.shape[-2:] == (size, size):
@@ -192,7 +193,7 @@ def _folder(root, split, size):
         ds = torchvision.datasets.ImageFolder(root)  # only to list files and classes
     except (FileNotFoundError, OSError) as e:
         raise ValueError(f"cannot read image folder {root}: {e}") from None
-    imgs = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+    imgs = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
             for p, _ in ds.samples]
     if len({t.shape for t in imgs}) == 1:
         x = _fit(torch.stack(imgs), size)  # one batched resize when every image has the same shape
@@ -201,14 +202,13 @@ def _folder(root, split, size):
     return x, torch.tensor(ds.targets).long(), list(ds.classes)
 
 
-# ---------------------------------------------------------------------------------------------
-# load
-# ---------------------------------------------------------------------------------------------
+# ---- load ----------------------------------------------------------------------------------
 def load(name, split="train", image_size=16, data_dir="./data", classes=None, seed=0):
     """Return (x, y, class_names): images uint8 (N, C, image_size, image_size) or points float32 (N, 2),
     labels int64 (N,). `classes` (names or indices as strings) keeps a subset, labels re-indexed 0..k-1.
     Cached in memory: treat the returned tensors as read-only."""
-    return _load(name, split, int(image_size), data_dir, tuple(classes) if classes else None, seed)
+    classes = tuple(str(c) for c in classes) if classes else None  # hashable, for the cache
+    return _load(name, split, int(image_size), data_dir, classes, seed)
 
 
 @functools.lru_cache(maxsize=8)
@@ -253,9 +253,7 @@ def _load(name, split, image_size, data_dir, classes, seed):
     return x, y, names
 
 
-# ---------------------------------------------------------------------------------------------
-# batches
-# ---------------------------------------------------------------------------------------------
+# ---- batches -------------------------------------------------------------------------------
 def to_float(x):
     """uint8 images -> float32 in [-1, 1] (k / 127.5 - 1); float points pass through unchanged."""
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
@@ -290,13 +288,11 @@ def batches(x, y, batch_size, flip=False, seed=0, device="cpu"):
         epoch += 1
 
 
-# ---------------------------------------------------------------------------------------------
-# pictures
-# ---------------------------------------------------------------------------------------------
+# ---- pictures ------------------------------------------------------------------------------
 def _save_png(img, path):
     """Write a PIL image atomically (a half-written PNG is never seen under its real name)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.{os.getpid()}.tmp"
     img.save(tmp, format="PNG")
     os.replace(tmp, path)
 
@@ -315,7 +311,7 @@ def save_grid(x, path, nrow=None, real=None):
     grid = torchvision.utils.make_grid(x, nrow=nrow, padding=1, pad_value=255)  # (3, Hg, Wg)
     if real is not None:
         ncol = min(nrow, len(x))  # the real row is as wide as the grid
-        r = _to_uint8(real[:ncol])
+        r = _fit(_to_uint8(real[:ncol]), x.shape[-1])  # real data may be stored at another size
         blank = torch.full((ncol - len(r), *x.shape[1:]), 255, dtype=torch.uint8)
         row = torchvision.utils.make_grid(torch.cat([r, blank]), nrow=ncol, padding=1, pad_value=255)
         gap = torch.full((3, 2, grid.shape[2]), 255, dtype=torch.uint8)
@@ -356,31 +352,35 @@ def save_scatter(points, path, name, real=None, color=(200, 40, 40), titles=None
     _save_png(img, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2-D metrics
-# ---------------------------------------------------------------------------------------------
+# ---- 2-D metrics ---------------------------------------------------------------------------
 def _mean_dist(a, b):
     """E|A - B| over all pairs, in row chunks so large sets do not build one huge matrix."""
     step = max(1, 2**22 // len(b))
-    return sum(torch.cdist(a[s:s + step], b).sum() for s in range(0, len(a), step)) / (len(a) * len(b))
-
-
-def _energy(a, b):
-    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| (V-statistic: >= 0, about 3/N for two real draws)."""
-    return float(2 * _mean_dist(a, b) - _mean_dist(a, a) - _mean_dist(b, b))
+    # the direct difference form: the faster matmul form loses digits for near-identical points
+    return sum(torch.cdist(a[s:s + step], b, compute_mode="donot_use_mm_for_euclid_dist").sum()
+               for s in range(0, len(a), step)) / (len(a) * len(b))
 
 
 def score_2d(samples, name, seed=0):
-    """Score samples (N, 2) against fresh held-out real points: 'energy', 'energy_floor' (two independent
-    real draws of size N) and, for 25gaussians, 'modes' (of 25), 'hq' (% within 0.15 = 3 std of the
-    nearest mean) and 'kl' (KL of the high-quality samples' mode histogram from uniform; log 25 if none)."""
+    """Score samples (N, 2) against held-out real points. 'energy': energy distance
+    2E|X-Y| - E|X-X'| - E|Y-Y'| to fresh real draws Y of size N; 'energy_floor': the same between two real
+    draws of size N. For 25gaussians also 'modes' (of 25), 'hq' (% within 0.15 = 3 std of the nearest
+    mean) and 'kl' (KL of the high-quality samples' mode histogram from uniform; log 25 if none)."""
     if name not in POINT_SETS:
         raise ValueError(f"score_2d needs a 2-D data set ({', '.join(POINT_SETS)}), got '{name}'")
     x = torch.as_tensor(samples).detach().cpu().double().reshape(-1, 2)
     n = len(x)
-    held_out, real_a, real_b = (_points(name, n, np.random.default_rng([seed, s]))[0].double()
-                                for s in (2, 3, 4))  # streams 0 and 1 are the train and test splits
-    out = {"energy": _energy(x, held_out), "energy_floor": _energy(real_a, real_b)}
+    if n < 2:
+        raise ValueError(f"score_2d needs at least 2 samples, got {n}")
+
+    # One reference draw of ~1k points is noisy (two real swirl draws score 0.001..0.01), so both numbers
+    # average over 4 held-out draws Y_r: energy to each Y_r, floor over the pairs (Y_r, Y_r+1 mod 4).
+    # Both are V-statistics (>= 0) of the same size, so they share their small-sample bias.
+    ys = [_points(name, n, np.random.default_rng([seed, 2, r]))[0].double() for r in range(4)]  # 0, 1: splits
+    d_xx, d_yy = _mean_dist(x, x), [_mean_dist(y, y) for y in ys]
+    energy = [2 * _mean_dist(x, ys[r]) - d_xx - d_yy[r] for r in range(4)]
+    floor = [2 * _mean_dist(ys[r], ys[r - 1]) - d_yy[r] - d_yy[r - 1] for r in range(4)]
+    out = {"energy": float(sum(energy)) / 4, "energy_floor": float(sum(floor)) / 4}
     if name == "25gaussians":
         dist_to_mean, mode = torch.cdist(x, torch.from_numpy(_means_25())).min(1)
         good = dist_to_mean <= 0.15
@@ -389,3 +389,89 @@ def score_2d(samples, name, seed=0):
         kl = (p * torch.log(p * 25 + 1e-12)).sum().item() if good.any() else math.log(25)
         out.update(modes=int((counts > 0).sum()), hq=100 * good.double().mean().item(), kl=kl)
     return out
+
+
+# ---- image metrics -------------------------------------------------------------------------
+def _classifier(in_ch, size, k):
+    """A small CNN: size -> size/2 -> size/4, then 128 penultimate features -> k + 1 logits (last: 'no digit')."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(in_ch, 32, 3, padding=1), torch.nn.SiLU(),
+        torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.SiLU(),
+        torch.nn.Conv2d(64, 64, 3, stride=2, padding=1), torch.nn.SiLU(), torch.nn.Flatten(),
+        torch.nn.Linear(64 * math.ceil(size / 4) ** 2, 128), torch.nn.SiLU(), torch.nn.Linear(128, k + 1))
+
+
+def _junk(x):
+    """Images that show no single class, for the classifier's reject class: noise, blurred noise, flat colour,
+    and blends of two real images (x: a float batch in [-1, 1])."""
+    n = len(x)
+    noise = torch.rand_like(x) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(noise, 3, 1, 1) * 2
+    flat = noise[:, :, :1, :1].expand_as(x)
+    blend = 0.5 * (x + x.roll(1, 0))
+    kind = torch.randint(0, 4, (n, 1, 1, 1))
+    return torch.where(kind == 0, noise, torch.where(kind == 1, blurred, torch.where(kind == 2, flat, blend))).clamp(-1, 1)
+
+
+@functools.lru_cache(maxsize=2)
+def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=2):
+    """Train (once per process, well under a minute on a CPU) a small CNN on the real training images of a
+    labelled data set, with one extra reject class learned from junk images (noise, flat colour, blends of two
+    images), so that an illegible sample is not forced into a class. Returns (model in eval mode on the CPU,
+    accuracy on the real test split in %, class_names). The caller's random state is left untouched.
+    The trained weights are cached under data_dir/classifiers/, so later runs skip the training."""
+    x, y, names = load(name, "train", image_size, data_dir, classes)
+    k = len(names)
+    slug = "".join(c if c.isalnum() else "_" for c in f"{os.path.abspath(name) if os.path.isdir(name) else name}")
+    cache = os.path.join(data_dir, "classifiers", f"{slug}_{image_size}_{'-'.join(classes or ['all'])}_{epochs}.pt")
+    net = _classifier(x.shape[1], image_size, k)
+    if os.path.isfile(cache):
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        net.load_state_dict(saved["state"])
+        return net.eval().requires_grad_(False), saved["acc"], names
+    xt, yt, _ = load(name, "test", image_size, data_dir, classes)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = _classifier(x.shape[1], image_size, k)                   # the same init on every machine
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+        for _ in range(epochs):
+            for i in torch.randperm(len(x)).split(128):
+                xb = to_float(x[i])
+                junk = _junk(xb[: len(i) // (k + 1) + 1])
+                xb, yb = torch.cat([xb, junk]), torch.cat([y[i], torch.full((len(junk),), k)])
+                loss = torch.nn.functional.cross_entropy(net(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    net.eval().requires_grad_(False)
+    acc = 100 * (torch.cat([net(to_float(b)).argmax(1) for b in xt.split(1000)]) == yt).float().mean().item()
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    torch.save({"state": net.state_dict(), "acc": acc}, cache + ".tmp")
+    os.replace(cache + ".tmp", cache)
+    return net, acc, names
+
+
+def score_images(samples, name, image_size=16, data_dir="./data", classes=None):
+    """Score generated images in [-1, 1] (N, C, H, W) with a classifier trained on the real training set.
+
+    'legible': % of samples given one real class with probability >= 0.9 (not the reject class);
+    'classes_covered': classes holding >= 1% of the samples; 'min_class_share': the rarest class's % of the
+    samples; 'kl_classes': KL of the predicted-class histogram (legible samples) from the real one;
+    'clf_acc': the classifier's accuracy on the real test split (%), to show the others can be trusted.
+    {} for 2-D or single-class data."""
+    if is_2d(name):
+        return {}
+    net, acc, names = classifier(name, image_size, data_dir, tuple(str(c) for c in classes) if classes else None)
+    k = len(names)
+    if k < 2:
+        return {}
+    x = torch.as_tensor(samples).detach().float().cpu().clamp(-1, 1)
+    prob = torch.cat([net(b).softmax(1) for b in x.split(1000)])                       # (N, k + 1)
+    conf, pred = prob.max(1)
+    legible = (conf >= 0.9) & (pred < k)
+    hist = torch.bincount(pred[legible], minlength=k + 1)[:k].double() / len(x)
+    p = hist / hist.sum().clamp(min=1e-12)
+    real = torch.bincount(load(name, "train", image_size, data_dir, classes)[1], minlength=k).double()
+    kl = (p * torch.log((p + 1e-12) / (real / real.sum()))).sum().item() if legible.any() else math.log(k)
+    return {"legible": 100 * legible.double().mean().item(), "classes_covered": int((hist >= 0.01).sum()),
+            "min_class_share": 100 * hist.min().item(), "kl_classes": kl, "clf_acc": acc}

@@ -228,8 +228,11 @@ def save_samples(a, x, path, real):
 
 
 def score(a, x):
-    """Final scores: energy distance (+ modes for 25gaussians) on 2-D data; nothing yet for images."""
-    return data.score_2d(x, a["data"], seed=a["seed"]) if data.is_2d(a["data"]) else {}
+    """Final scores: energy distance (+ modes for 25gaussians) on 2-D data; legibility and class coverage
+    under a classifier trained on the real images for labelled image data."""
+    if data.is_2d(a["data"]):
+        return data.score_2d(x, a["data"], seed=a["seed"])
+    return data.score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def train(args, fail):
     n_params = sum(p.numel() for p in model.parameters())
     log(f"ddpm | data {args.data} {tuple(x.shape)} | {n_params / 1e6:.2f}M params | device {device} x{world} "
         f"| T {args.T} {args.schedule} | batch {args.batch_size} x{world} | steps {step}..{args.steps}")
-    t_log, t_start, step_start, loss_sum, loss_n, loss_avg = time.time(), time.time(), step, 0.0, 0, float("nan")
+    t_log, step_log, loss_sum, loss_n, loss_avg = time.time(), step, 0.0, 0, float("nan")
     while step < args.steps:
         # lr: linear warm-up, then constant (the paper) or cosine decay to 0
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
@@ -330,14 +333,16 @@ def train(args, fail):
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
 
         if time.time() - t_log > args.log_every or step == args.steps:
-            loss_avg, rate = loss_sum / loss_n, (step - step_start) / (time.time() - t_start)
+            loss_avg, rate = loss_sum / loss_n, (step - step_log) / (time.time() - t_log)
             eta = (args.steps - step) / max(rate, 1e-9)
             log(f"step {step:>7d}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | {rate:.2f} steps/s "
                 f"| eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            t_log, loss_sum, loss_n = time.time(), 0.0, 0
+            t_log, step_log, loss_sum, loss_n = time.time(), step, 0.0, 0
         if master and args.sample_every and step % args.sample_every == 0 and step < args.steps:
+            t_sample = time.time()
             xs, _, _ = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
             save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
+            t_log += time.time() - t_sample                               # keep sampling out of steps/s
         if master and (step % args.ckpt_every == 0 or step == args.steps):
             checkpoint()
 

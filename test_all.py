@@ -9,10 +9,13 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
 import torch
+import torchvision
+from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -23,6 +26,14 @@ import ddpm  # noqa: E402
 import unet  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _need_shared(*parts):
+    """Path inside ../shared/data, or skip the test when that copy is absent."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+    return path
 
 
 def run_cli(script, *args, cwd=None):
@@ -136,6 +147,218 @@ def test_loss_simple_is_finite_and_trains_every_parameter():
     assert torch.isfinite(loss) and 0.5 < loss.item() < 1.5             # zero-initialised output: ~E[eps^2] = 1
     loss.backward()
     assert model.conv_out.weight.grad.abs().sum() > 0                  # the zero-initialised output conv learns
+
+
+# ====================================================================================================
+# data.py
+# ---- glyphs ----------------------------------------------------------------------------------
+def test_glyphs_shapes_labels_contrast():
+    x, y, names = data.load("glyphs", image_size=16)
+    assert x.shape == (30_000, 3, 16, 16) and x.dtype == torch.uint8
+    assert y.dtype == torch.int64 and names == [str(d) for d in range(10)]
+    assert torch.bincount(y, minlength=10).tolist() == [3000] * 10  # balanced, all present
+    luma = (x.float() * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1)  # (N, 16, 16)
+    spread = luma.flatten(1).max(1).values - luma.flatten(1).min(1).values
+    assert spread.min() > 0.25 * 255  # every image has a visible digit on its background
+    xt, yt, _ = data.load("glyphs", split="test", image_size=16)
+    assert xt.shape == (5_000, 3, 16, 16) and set(yt.tolist()) == set(range(10))
+    assert not torch.equal(xt, x[:5_000])
+
+
+def test_glyphs_deterministic_per_seed():
+    a = data.load("glyphs", split="test", image_size=8, seed=3)[0]
+    data._load.cache_clear()  # force a fresh render, not the cached tensor
+    b = data.load("glyphs", split="test", image_size=8, seed=3)[0]
+    c = data.load("glyphs", split="test", image_size=8, seed=4)[0]
+    assert a is not b and torch.equal(a, b) and not torch.equal(a, c)
+    assert data.load("glyphs", split="test", image_size=12)[0].shape == (5_000, 3, 12, 12)
+
+
+def test_classes_subset_reindexes():
+    x, y, names = data.load("glyphs", split="test", image_size=8, classes=["7", "2"])
+    full_x, full_y, _ = data.load("glyphs", split="test", image_size=8)
+    assert names == ["7", "2"] and set(y.tolist()) == {0, 1}
+    assert torch.equal(x[y == 0], full_x[full_y == 7]) and torch.equal(x[y == 1], full_x[full_y == 2])
+
+
+# ---- 2-D point sets and their metrics ---------------------------------------------------------
+def test_swirl():
+    x, y, names = data.load("swirl")
+    xt = data.load("swirl", split="test")[0]
+    assert x.shape == xt.shape == (1024, 2) and x.dtype == torch.float32 and names == []
+    assert (y == 0).all() and not torch.equal(x, xt)
+    assert x.mean(0).abs().max() < 0.15 and (x.std(0) - 1).abs().max() < 0.1  # standardised
+    assert x.abs().max() < 2.5
+    mean, std = data.swirl_scale()
+    u8 = x * std + mean  # the 8-bit values come back
+    assert (u8 - u8.round()).abs().max() < 1e-3 and u8.min() >= 0 and u8.max() <= 255
+
+
+def test_25gaussians():
+    x, y, _ = data.load("25gaussians")
+    xt, yt, _ = data.load("25gaussians", split="test")
+    assert x.shape == (100_000, 2) and xt.shape == (2_500, 2)
+    assert set(y.tolist()) == set(range(25)) and x.abs().max() > 4  # natural scale, not [-1, 1]
+    means = torch.tensor([[-4 + 2 * (k // 5), -4 + 2 * (k % 5)] for k in range(25)], dtype=torch.float32)
+    assert (x - means[y]).norm(dim=1).max() < 0.5
+
+
+def test_score_2d():
+    real = data.load("25gaussians", split="test")[0][:1000]
+    s = data.score_2d(real, "25gaussians")
+    assert s["modes"] == 25 and s["hq"] > 97 and s["kl"] < 0.05  # 2-D: 1 - exp(-4.5) = 98.9% within 3 std
+    assert s["energy"] < 0.02 and s["energy_floor"] < 0.02
+    collapsed = data.score_2d(torch.zeros(500, 2), "25gaussians")
+    assert collapsed["modes"] == 1 and collapsed["hq"] == 100
+    assert collapsed["kl"] == pytest.approx(math.log(25), abs=1e-6) and collapsed["energy"] > 1
+    swirl = data.load("swirl", split="test")[0]
+    good, shrunk = data.score_2d(swirl, "swirl"), data.score_2d(0.5 * swirl, "swirl")
+    assert good["energy"] < 0.02 < shrunk["energy"] and "modes" not in good
+    with pytest.raises(ValueError):
+        data.score_2d(swirl, "glyphs")
+
+
+# ---- batches -----------------------------------------------------------------------------------
+def test_to_float():
+    assert data.to_float(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+    p = torch.randn(5, 2)
+    assert data.to_float(p) is p
+
+
+def test_batches_shapes_range_flip():
+    x = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    y = torch.arange(10)
+    it = data.batches(x, y, 4, seed=0)
+    seen = []
+    for _ in range(2):  # one epoch: 10 // 4 = 2 full batches (drop_last)
+        xb, yb = next(it)
+        assert xb.shape == (4, 3, 4, 4) and xb.dtype == torch.float32 and yb.dtype == torch.int64
+        assert xb.min() >= -1 and xb.max() <= 1
+        assert torch.equal(xb, data.to_float(x[yb]))  # no flip unless asked
+        seen += yb.tolist()
+    assert len(set(seen)) == 8  # shuffled without replacement within an epoch
+    flipped = 0
+    it = data.batches(x, y, 4, flip=True, seed=0)
+    for _ in range(10):
+        xb, yb = next(it)
+        same = (xb == data.to_float(x[yb])).flatten(1).all(1)
+        mirror = (xb == data.to_float(x[yb]).flip(3)).flatten(1).all(1)
+        assert (same | mirror).all()
+        flipped += int((mirror & ~same).sum())
+    assert flipped > 0
+    xb, yb = next(data.batches(x[:3], y[:3], 8))  # smaller than a batch: still yields
+    assert xb.shape == (8, 3, 4, 4) and set(yb.tolist()) == {0, 1, 2}
+    pts = torch.randn(6, 2)
+    xb, yb = next(data.batches(pts, torch.arange(6), 3, flip=True))
+    assert torch.equal(xb, pts[yb])  # points are never flipped
+
+
+def test_batches_distributed_path():
+    """One-process gloo group: the DistributedSampler path runs and reshuffles each epoch."""
+    store = os.path.join(tempfile.mkdtemp(), "store")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        it = data.batches(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.arange(8), 8)
+        first, second = next(it)[1], next(it)[1]
+        assert sorted(first.tolist()) == list(range(8)) and not torch.equal(first, second)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _rank_worker(rank, store, out):
+    """One of two gloo ranks: save the labels of its first epoch."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    it = data.batches(torch.zeros(40, 1, 2, 2, dtype=torch.uint8), torch.arange(40), 4)
+    torch.save(torch.cat([next(it)[1] for _ in range(5)]), os.path.join(out, f"{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not os.environ.get("TRILEMMA_SLOW"), reason="two processes take ~10 s; set TRILEMMA_SLOW=1")
+def test_batches_two_ranks_get_disjoint_shards(tmp_path):
+    torch.multiprocessing.spawn(_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    a, b = (set(torch.load(tmp_path / f"{r}.pt").tolist()) for r in (0, 1))
+    assert len(a) == len(b) == 20 and not a & b
+
+
+# ---- pictures ----------------------------------------------------------------------------------
+def test_save_grid(tmp_path):
+    x = torch.rand(16, 3, 16, 16) * 2 - 1
+    path = tmp_path / "new" / "grid.png"
+    data.save_grid(x, str(path), nrow=4)
+    assert Image.open(path).size == (4 * 4 * 17 + 4, 4 * 4 * 17 + 4)  # 1-px padding, x4 upscale
+    data.save_grid(x, str(path), nrow=4, real=torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    assert Image.open(path).size == (276, 276 + 4 * (2 + 18))  # + gap + one real row
+    data.save_grid(torch.zeros(10, 1, 8, 8), str(path))  # 1 channel, default nrow = ceil(sqrt(10)) = 4
+    assert Image.open(path).size == (4 * (4 * 9 + 1), 4 * (3 * 9 + 1))
+    assert os.listdir(path.parent) == ["grid.png"]  # no temporary file left behind
+
+
+def test_save_scatter(tmp_path):
+    real = data.load("swirl")[0]
+    data.save_scatter(real[:100], str(tmp_path / "s.png"), "swirl", real=real)
+    assert Image.open(tmp_path / "s.png").size == (400, 400)
+    data.save_scatter([real, 100 * real], str(tmp_path / "p.png"), "swirl", titles=["a", "b"])
+    img = np.asarray(Image.open(tmp_path / "p.png"))
+    assert img.shape == (420, 810, 3) and (img != 255).any()
+
+
+# ---- real images and errors --------------------------------------------------------------------
+def test_image_folder(tmp_path):
+    for split in ("train", "test"):
+        for k, cls in enumerate(["ant", "bee"]):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(3 if split == "train" else 1):
+                Image.new("RGB", (24, 20), (40 * k, 100, 200)).save(tmp_path / split / cls / f"{i}.png")
+    x, y, names = data.load(str(tmp_path), image_size=8)
+    assert x.shape == (6, 3, 8, 8) and x.dtype == torch.uint8 and names == ["ant", "bee"]
+    xt, yt, _ = data.load(str(tmp_path), split="test", image_size=8)
+    assert xt.shape == (2, 3, 8, 8) and yt.tolist() == [0, 1]
+    x, y, names = data.load(str(tmp_path), image_size=8, classes=["1"])
+    assert names == ["bee"] and y.tolist() == [0, 0, 0] and (x[:, 0] == 40).all()
+    with pytest.raises(ValueError, match="ant, bee"):
+        data.load(str(tmp_path), classes=["wasp"])
+
+
+def test_cifar10_jpeg_folder(tmp_path):
+    want = {f"{s}/{c}/000{i}.jpg" for s in ("train", "test") for c in ("airplane", "automobile") for i in (0, 1)}
+    with tarfile.open(_need_shared("cifar10-jpeg.tar.gz")) as tar:
+        for member in tar:  # stop early: the tarball lists test/ first, then train/ in class order
+            if member.name in want:
+                tar.extract(member, tmp_path, filter="data")
+                want.discard(member.name)
+                if not want:
+                    break
+    x, y, names = data.load(str(tmp_path), classes=["automobile"])
+    assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 0] and names == ["automobile"]
+    xt = data.load(str(tmp_path), split="test", image_size=32)[0]
+    assert xt.shape == (4, 3, 32, 32) and not torch.equal(xt, data.load(str(tmp_path), image_size=32)[0])
+
+
+def test_mnist_offline():
+    _need_shared("MNIST", "raw")
+    x, y, names = data.load("mnist", split="test", data_dir=SHARED)
+    assert x.shape == (10_000, 1, 16, 16) and x.dtype == torch.uint8 and len(names) == 10
+    assert set(y.tolist()) == set(range(10))
+
+
+def test_bad_input_raises_value_error(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)  # never download in a test
+    with pytest.raises(ValueError, match="offline"):
+        data.load("cifar10", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("imagenet")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load(str(tmp_path / "missing_folder"))
+    with pytest.raises(ValueError, match="unknown class"):
+        data.load("glyphs", image_size=8, classes=["cat"])
+    with pytest.raises(ValueError):
+        data.load("glyphs", split="val")
+    with pytest.raises(ValueError):
+        data.load("glyphs", image_size=4)
+    assert data.is_2d("swirl") and data.is_2d("25gaussians") and not data.is_2d("glyphs")
 
 
 # ====================================================================================================
