@@ -13,6 +13,7 @@ cached data set stays small. Built-in sets:
     for x_batch, y_batch in batches(x, y, 128, flip=False): ...
 """
 import functools
+import hashlib
 import math
 import os
 
@@ -44,7 +45,7 @@ def _glyph_bank(size):
     One mask per digit, ink height, stroke weight and sub-pixel shift, so that making N images is only
     indexing and compositing in numpy (no per-image drawing)."""
     masks, boxes = [], []
-    for h in np.linspace(0.45, 0.85, 5) * size:  # ink height in output pixels
+    for h in np.linspace(0.6, 0.9, 5) * size:  # ink height in output pixels: large enough to read at 16x16
         while True:
             fs = round(h * _UP / 0.72)  # the font's digits are ~0.72 of its size tall
             stem = 0.09 * fs / _UP  # and their strokes ~0.09 of it wide, here in output pixels
@@ -422,8 +423,8 @@ def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=2):
     The trained weights are cached under data_dir/classifiers/, so later runs skip the training."""
     x, y, names = load(name, "train", image_size, data_dir, classes)
     k = len(names)
-    slug = "".join(c if c.isalnum() else "_" for c in f"{os.path.abspath(name) if os.path.isdir(name) else name}")
-    cache = os.path.join(data_dir, "classifiers", f"{slug}_{image_size}_{'-'.join(classes or ['all'])}_{epochs}.pt")
+    digest = hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12]  # the cache follows the data, not its name
+    cache = os.path.join(data_dir, "classifiers", f"{digest}_{len(names)}_{epochs}.pt")
     net = _classifier(x.shape[1], image_size, k)
     if os.path.isfile(cache):
         saved = torch.load(cache, map_location="cpu", weights_only=True)

@@ -369,6 +369,7 @@ def train(args, fail):
         if master and args.sample_every and step % args.sample_every == 0 and step < args.steps:
             xs, _, _ = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
             save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
+            log(f"samples at step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in score(a, xs).items()))
         if master and (step % args.ckpt_every == 0 or step == args.steps):
             checkpoint()
 

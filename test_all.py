@@ -450,3 +450,136 @@ def test_timestep_embedding():
     e = unet.timestep_embedding(torch.tensor([0.0, 1.0, 999.0]), 9)
     assert e.shape == (3, 9)
     assert torch.allclose(e[0, :4], torch.zeros(4)) and torch.allclose(e[0, 4:8], torch.ones(4))
+
+
+# ====================================================================================================
+# ddpm.py: the command line end to end
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny two-class image folder made here (always available, unlike ../shared/data)."""
+    root = tmp_path_factory.mktemp("tiny")
+    g = np.random.default_rng(0)
+    for cls, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        os.makedirs(root / cls)
+        for i in range(8):
+            img = np.full((12, 12, 3), colour, np.uint8) + g.integers(0, 30, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    return str(root)
+
+
+TINY_UNET = ["--ch", 8, "--ch-mult", 1, 2, "--num-res-blocks", 1, "--image-size", 8, "--batch-size", 8]
+
+
+def main_exit(main, argv):
+    """Run a script's main(argv) in-process (much faster than a subprocess); returns the exit code."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_ddpm_cli_train_resume_sample(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "run"
+    # one real subprocess run, as a user types it
+    r = run_cli("ddpm.py", "--data", tiny_folder, *TINY_UNET, "--T", 20, "--steps", 4, "--sample-every", 2,
+                "--ckpt-every", 2, "--n-samples", 4, "--out", out)
+    assert r.returncode == 0, r.stderr
+    for f in ("ckpt.pt", "samples.png", "samples_0000002.png", "log.txt", "metrics.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "ddpm" and m["nfe"] == 20 and m["step"] == 4 and m["sec_per_100"] > 0
+    assert "NFE 20 per sample" in r.stdout and "s per 100 samples" in r.stdout
+    # a second run into the same folder must not overwrite the checkpoint
+    before = (out / "ckpt.pt").read_bytes()
+    assert main_exit(ddpm.main, ["--data", tiny_folder, *TINY_UNET, "--T", 20, "--steps", 4, "--out", out]) == 2
+    assert "--resume" in capsys.readouterr().err and (out / "ckpt.pt").read_bytes() == before
+    # --resume continues from step 4 to step 6
+    assert main_exit(ddpm.main, ["--data", tiny_folder, *TINY_UNET, "--T", 20, "--steps", 6, "--n-samples", 4,
+                                 "--out", out, "--resume"]) == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+    assert "steps 4..6" in capsys.readouterr().out
+    # --sample-only needs no training flags: DDIM with 5 steps, saved as uint8 NHWC .npz
+    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--sample-steps", 5, "--eta", 0.5,
+                                 "--n-samples", 6, "--save-npz"]) == 0
+    arr = np.load(out / "samples_ddim5.npz")["arr_0"]
+    assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8
+    assert json.loads((out / "metrics_ddim5.json").read_text())["nfe"] == 5
+    assert (out / "samples_ddim5.png").is_file()
+
+
+def test_ddpm_2d_in_process(tmp_path):
+    out = tmp_path / "g"
+    ddpm.main(["--data", "25gaussians", "--steps", "5", "--batch-size", "64", "--hidden", "32", "--T", "10",
+               "--n-samples", "200", "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"energy", "energy_floor", "modes", "hq", "kl"} <= set(m) and m["nfe"] == 10
+    assert Image.open(out / "samples.png").size == (400, 400)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "nosuchdata"], "unknown dataset"),
+    (["--data", "/no/such/folder"], "unknown dataset"),
+    (["--T", "0"], "--T"),
+    (["--T", "10", "--sample-steps", "11"], "--sample-steps"),
+    (["--image-size", "18", "--ch-mult", "1", "2", "2"], "cannot be halved"),
+    (["--schedule", "quadratic"], "invalid choice"),
+    (["--stepz", "3"], "unrecognized"),
+])
+def test_ddpm_bad_flags_exit_2(tmp_path, flags, message, capsys):
+    assert main_exit(ddpm.main, [*flags, "--steps", 1, "--out", tmp_path / "bad"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
+def test_ddpm_bad_flag_from_the_shell(tmp_path):
+    r = run_cli("ddpm.py", "--T", 0, "--out", tmp_path)
+    assert r.returncode == 2 and "--T must be at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ddpm_bad_checkpoints(tmp_path, capsys):
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert main_exit(ddpm.main, ["--sample-only", "--out", tmp_path / "corrupt"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert main_exit(ddpm.main, ["--sample-only", "--out", tmp_path / "missing"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    torch.save({"method": "ddgan", "step": 1}, tmp_path / "other" / "ckpt.pt")
+    assert main_exit(ddpm.main, ["--sample-only", "--out", tmp_path / "other"]) == 2
+    assert "not a ddpm checkpoint" in capsys.readouterr().err
+    assert main_exit(ddpm.main, ["--resume", "--out", tmp_path / "other", "--steps", 2]) == 2
+    assert "not a ddpm checkpoint" in capsys.readouterr().err
+    assert torch.load(tmp_path / "other" / "ckpt.pt", weights_only=True)["method"] == "ddgan"  # untouched
+
+
+def test_ddpm_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_folder, monkeypatch):
+    out = tmp_path / "nan"
+    ddpm.main(["--data", tiny_folder, *map(str, TINY_UNET), "--T", "10", "--steps", "2", "--n-samples", "2",
+               "--out", str(out)])
+    before = (out / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(ddpm, "loss_simple", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True) * 1)
+    with pytest.raises(SystemExit) as e:
+        ddpm.main(["--data", tiny_folder, *map(str, TINY_UNET), "--T", "10", "--steps", "4", "--out", str(out),
+                   "--resume"])
+    assert e.value.code == 1
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_ddpm_torchrun_two_cpu_processes(tmp_path, tiny_folder):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "ddpm.py"), "--data", tiny_folder, *map(str, TINY_UNET), "--T", "10",
+                        "--steps", "3", "--n-samples", "2", "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x2" in r.stdout and (out / "ckpt.pt").is_file()
+    assert r.stdout.count("done |") == 1                                # only rank 0 samples and logs
+
+
+def test_ddpm_image_folder_cifar(tmp_path, cifar_folder):
+    out = tmp_path / "cifar"
+    ddpm.main(["--data", cifar_folder, "--classes", "airplane", *map(str, TINY_UNET), "--T", "10", "--steps", "2",
+               "--n-samples", "4", "--out", str(out)])
+    assert (out / "samples.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["data"] == cifar_folder
