@@ -414,8 +414,18 @@ def _junk(x):
     return torch.where(kind == 0, noise, torch.where(kind == 1, blurred, torch.where(kind == 2, flat, blend))).clamp(-1, 1)
 
 
+def _nuisance(x):
+    """Random blur, lower contrast and grain on real images (x: a float batch in [-1, 1]): a generated digit that
+    is a little soft, faint or grainy is still that digit, and must not read as "no digit"."""
+    u = torch.rand(3, len(x), 1, 1, 1)
+    x = torch.lerp(x, torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False), 0.7 * u[0])
+    mean = x.mean((2, 3), keepdim=True)
+    x = mean + (x - mean) * (1 - 0.5 * u[1])
+    return x + 0.1 * u[2] * torch.randn_like(x)
+
+
 @functools.lru_cache(maxsize=2)
-def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=2):
+def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=3):
     """Train (once per process, well under a minute on a CPU) a small CNN on the real training images of a
     labelled data set, with one extra reject class learned from junk images (noise, flat colour, blends of two
     images), so that an illegible sample is not forced into a class. Returns (model in eval mode on the CPU,
@@ -424,7 +434,7 @@ def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=2):
     x, y, names = load(name, "train", image_size, data_dir, classes)
     k = len(names)
     digest = hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12]  # the cache follows the data, not its name
-    cache = os.path.join(data_dir, "classifiers", f"{digest}_{len(names)}_{epochs}.pt")
+    cache = os.path.join(data_dir, "classifiers", f"v3_{digest}_{len(names)}_{epochs}.pt")
     net = _classifier(x.shape[1], image_size, k)
     if os.path.isfile(cache):
         saved = torch.load(cache, map_location="cpu", weights_only=True)
@@ -439,6 +449,7 @@ def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=2):
             for i in torch.randperm(len(x)).split(128):
                 xb = to_float(x[i])
                 junk = _junk(xb[: len(i) // (k + 1) + 1])
+                xb = _nuisance(xb)
                 xb, yb = torch.cat([xb, junk]), torch.cat([y[i], torch.full((len(junk),), k)])
                 loss = torch.nn.functional.cross_entropy(net(xb), yb)
                 opt.zero_grad()

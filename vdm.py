@@ -342,11 +342,16 @@ def save_samples(a, x, path, real, labels=None):
     data.save_grid(x, path, nrow=nrow, real=real[:nrow] if real is not None else None)
 
 
-def score(a, x):
-    """Final scores: energy distance on 2-D data; data.score_images for images (where data.py has it)."""
+def score(a, x, labels=None):
+    """Final scores: energy distance on 2-D data; legibility and class coverage under a classifier trained on
+    the real images, and for a conditional grid label_acc, the % of samples classified as the class asked for."""
     if data.is_2d(a["data"]):
         return data.score_2d(x, a["data"], seed=a["seed"])
-    return data.score_images(x, a["data"]) if hasattr(data, "score_images") else {}
+    scores = data.score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
+    if scores and labels is not None:                            # the same cached classifier score_images used
+        clf = data.classifier(a["data"], a["image_size"], a["data_dir"], tuple(map(str, a["classes"] or [])) or None)[0]
+        scores["label_acc"] = 100 * (clf(x.clamp(-1, 1)).argmax(1) == labels).double().mean().item()
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,14 +479,14 @@ def train(args, fail):
         xs, labels, nfe, sec100 = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
         save_samples(a, xs, os.path.join(args.out, "samples.png"), real, labels)
         finish(a, xs, nfe, sec100, os.path.join(args.out, "metrics.json"), log,
-               dict(step=step, loss=sum(avg), recon=avg[0], prior=avg[1], diff=avg[2], **test))
+               dict(step=step, loss=sum(avg), recon=avg[0], prior=avg[1], diff=avg[2], **test), labels)
     if ddp:
         torch.distributed.destroy_process_group()
 
 
-def finish(a, xs, nfe, sec100, path, log, extra):
+def finish(a, xs, nfe, sec100, path, log, extra, labels=None):
     """Score the samples, print the final line and write metrics.json (the same keys in every method)."""
-    scores = score(a, xs)
+    scores = score(a, xs, labels)
     sampler = f"ancestral{a.get('sample_steps') or a['T'] or 1000}" + (f"_w{a['guidance']}" if a["cond"] else "")
     m = dict(method="vdm", data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4),
              n_samples=len(xs), **extra, **scores)
@@ -527,7 +532,7 @@ def sample_only(args, fail):
         tmp = os.path.join(out, f"samples_{tag}.tmp.npz")
         np.savez(tmp, arr_0=arr.numpy(), **(dict(arr_1=labels.numpy()) if labels is not None else {}))
         os.replace(tmp, os.path.join(out, f"samples_{tag}.npz"))
-    finish(a, xs, nfe, sec100, os.path.join(out, f"metrics_{tag}.json"), print, dict(step=ckpt["step"]))
+    finish(a, xs, nfe, sec100, os.path.join(out, f"metrics_{tag}.json"), print, dict(step=ckpt["step"]), labels)
 
 
 # ----------------------------------------------------------------------------------------------------
