@@ -358,11 +358,17 @@ def train(args, fail):
         torch.distributed.destroy_process_group()
 
 
+def sampler_name(a):
+    """The sampler in words, e.g. ancestral_beta or ddim50_eta0.0 (used in file names and metrics.json)."""
+    if a.get("sample_steps"):
+        return f"ddim{len(ddim_steps(a['T'], a['sample_steps']))}_eta{a['eta']}"
+    return f"ancestral_{a['var']}"
+
+
 def finish(a, xs, nfe, sec100, path, log, extra):
     """Score the samples, print the final line and write metrics.json (the same keys in every method)."""
     scores = score(a, xs)
-    sampler = f"ddim{len(ddim_steps(a['T'], a['sample_steps']))}_eta{a['eta']}" if a.get("sample_steps") \
-        else f"ancestral_{a['var']}"
+    sampler = sampler_name(a)
     m = dict(method="ddpm", data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4),
              n_samples=len(xs), **extra, **scores)
     with open(path, "w") as f:
@@ -392,7 +398,7 @@ def sample_only(args, fail):
     os.makedirs(out, exist_ok=True)
     n = args.n_samples or (2500 if data.is_2d(a["data"]) else 100)
     xs, nfe, sec100 = generate(a, model, n, device, args.dtype, args.seed)
-    tag = f"ddim{args.sample_steps}" if args.sample_steps else "ancestral"
+    tag = sampler_name(a)
     real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else None
     save_samples(a, xs, os.path.join(out, f"samples_{tag}.png"), real)
     if args.save_npz:                                            # uint8 NHWC, as improved-diffusion writes for FID tools

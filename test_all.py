@@ -502,10 +502,10 @@ def test_ddpm_cli_train_resume_sample(tmp_path, tiny_folder, capsys):
     # --sample-only needs no training flags: DDIM with 5 steps, saved as uint8 NHWC .npz
     assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--sample-steps", 5, "--eta", 0.5,
                                  "--n-samples", 6, "--save-npz"]) == 0
-    arr = np.load(out / "samples_ddim5.npz")["arr_0"]
+    arr = np.load(out / "samples_ddim5_eta0.5.npz")["arr_0"]
     assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8
-    assert json.loads((out / "metrics_ddim5.json").read_text())["nfe"] == 5
-    assert (out / "samples_ddim5.png").is_file()
+    assert json.loads((out / "metrics_ddim5_eta0.5.json").read_text())["nfe"] == 5
+    assert (out / "samples_ddim5_eta0.5.png").is_file()
 
 
 def test_ddpm_2d_in_process(tmp_path):
