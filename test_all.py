@@ -553,6 +553,15 @@ def test_ddpm_bad_checkpoints(tmp_path, capsys):
     assert torch.load(tmp_path / "other" / "ckpt.pt", weights_only=True)["method"] == "ddgan"  # untouched
 
 
+def test_ddpm_sample_only_rejects_too_many_steps_and_runs_bfloat16(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "bf16"
+    assert main_exit(ddpm.main, ["--data", tiny_folder, *TINY_UNET, "--T", 10, "--steps", 2, "--n-samples", 2,
+                                 "--dtype", "bfloat16", "--out", out]) == 0
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["loss"])
+    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--sample-steps", 11]) == 2
+    assert "larger than the checkpoint's T=10" in capsys.readouterr().err
+
+
 def test_ddpm_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_folder, monkeypatch):
     out = tmp_path / "nan"
     ddpm.main(["--data", tiny_folder, *map(str, TINY_UNET), "--T", "10", "--steps", "2", "--n-samples", "2",
