@@ -576,7 +576,8 @@ def get_parser():
     p.add_argument("--ch-mult", type=int, nargs="+", default=[1, 2, 2], help="UNet channel multiplier per level")
     p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per UNet level")
     p.add_argument("--attn-res", type=int, nargs="*", default=[], help="resolutions with self-attention, e.g. 16")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks (the paper's 0.1 on "
+                   "CIFAR-10; a short run only underfits)")
     p.add_argument("--temb-dim", type=int, default=None, help="time-embedding width (default 4 * ch)")
     p.add_argument("--hidden", type=int, default=512, help="2-D MLP width")
     p.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers")
