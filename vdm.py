@@ -7,7 +7,7 @@ KL(q(z_1 | x) || N(0, I)) and the diffusion loss, discrete (Sec. 4) or continuou
 eps_hat||^2], which depends on the schedule only through its endpoints (Sec. 5). Sampling is ancestral,
 p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) (Sec. 3.3); z_0 is decoded by the argmax of the 256 logits.
 
-Run:   python vdm.py                                  # glyphs 16x16, CPU-sized model, ~13 min on 2 cores
+Run:   python vdm.py                                  # glyphs 16x16, CPU-sized model, ~10 min on 2 cores
        python vdm.py --cond --out runs/vdm_cond       # class-conditional, guidance w = 1, a row per digit
        python vdm.py --data swirl                     # 2-D 8-bit swirl with the MLP
        python vdm.py --eval --out runs/vdm            # test-set bits/dim of a checkpoint, term by term
@@ -545,7 +545,7 @@ DEFAULT_OUT = "runs/vdm"
 # and weight decay 0.01, EMA 0.9999. Its CIFAR-10 run used lr 2e-4 (constant after a 100-step warm-up),
 # batch 128 and 10M steps on a 32-block no-downsampling UNet (the README has that command).
 DEFAULTS = {
-    "image": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=100,
+    "image": dict(steps=5000, batch_size=64, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=100,
                   sample_every=0),
     "2d": dict(steps=10000, batch_size=512, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=2500,
                sample_every=0),
@@ -582,7 +582,7 @@ def get_parser():
     p.add_argument("--hidden", type=int, default=512, help="2-D MLP width")
     p.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers")
     # training
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 3000 images, 10000 2-D)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 5000 images, 10000 2-D)")
     p.add_argument("--batch-size", type=int, default=None, help="batch per process (default: 64 images, 512 2-D)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; the paper's 2e-4)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (the paper's 100)")
