@@ -208,10 +208,11 @@ def save_samples(a, x, path, real):
 
 
 def score(a, x):
-    """Final scores: energy distance (+ modes for 25gaussians) on 2-D data; data.score_images for images."""
+    """Final scores: energy distance (+ modes for 25gaussians) on 2-D data; legibility and class coverage
+    under a classifier trained on the real images for labelled image data."""
     if data.is_2d(a["data"]):
         return data.score_2d(x, a["data"], seed=a["seed"])
-    return data.score_images(x, a["data"]) if hasattr(data, "score_images") else {}
+    return data.score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,16 +100,18 @@ class _Res(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.body = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-                                  nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+        g = math.gcd(8, ch)                                          # GroupNorm groups that divide ch
+        self.body = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                  nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
 
     def forward(self, x):
         return x + self.body(x)
 
 
 class VDM(nn.Module):
-    """Score network, schedule, bin centres (buffer (C, 256)) and, with --latent, an encoder x -> e in (-1, 1)
-    and a decoder z_0 / alpha_0 -> 256 logits per pixel; forward = the bound's terms, so DDP wraps one module."""
+    """Score network, schedule, bin centres (buffer (C, 256)) and, with --latent, a residual encoder e = x + enc(x)
+    and decoder mean u + dec(u) (last convs zero-initialised: the variant starts as plain VDM); forward = the
+    bound's terms, so DDP wraps one module."""
 
     def __init__(self, net, schedule, centres, freqs=(), latent_ch=0):
         super().__init__()
@@ -117,11 +119,12 @@ class VDM(nn.Module):
         self.register_buffer("centres", centres)
         C, w = centres.shape[0], latent_ch
 
-        def coder(c_out):                                           # conv, 2 residual blocks, GN, SiLU, conv
-            return [nn.Conv2d(C, w, 3, padding=1), _Res(w), _Res(w), nn.GroupNorm(8, w), nn.SiLU(),
-                    nn.Conv2d(w, c_out, 3, padding=1)]
-        self.encoder = nn.Sequential(*coder(C), nn.Tanh()) if latent_ch else None
-        self.decoder = nn.Sequential(*coder(C * 256)) if latent_ch else None
+        def coder():                                                # conv, 2 residual blocks, GN, SiLU, zero conv
+            out = nn.Conv2d(w, C, 3, padding=1)
+            nn.init.zeros_(out.weight), nn.init.zeros_(out.bias)
+            return nn.Sequential(nn.Conv2d(C, w, 3, padding=1), _Res(w), _Res(w), nn.GroupNorm(math.gcd(8, w), w),
+                                 nn.SiLU(), out)
+        self.encoder, self.decoder = (coder(), coder()) if latent_ch else (None, None)
 
     def forward(self, k, y=None, T=0, var_min=False, dtype="float32"):
         return elbo_terms(self, k, y, T, var_min=var_min, dtype=dtype)
@@ -142,25 +145,24 @@ def eps_model(model, z, gamma, y=None, w=0.0, dtype="float32"):
 
 
 def decoder_logits(model, u, gamma0):
-    """The 256 logits of p(x | z_0) at u = z_0 / alpha_0, shape (*u.shape, 256): a Gaussian of variance
-    exp(gamma_0) around u discretised onto the bins, -0.5 exp(-gamma_0) (u - c_k)^2 (or the --latent decoder)."""
-    if model.decoder is not None:
-        B, C, H, W = u.shape
-        return model.decoder(u).view(B, C, 256, H, W).permute(0, 1, 3, 4, 2)   # (B, C, H, W, 256)
+    """The 256 logits of p(x | z_0) at u = z_0 / alpha_0 (--latent: at u + dec(u)), shape (*u.shape, 256): a Gaussian
+    of variance exp(gamma_0) around u discretised onto the bins, -0.5 exp(-gamma_0) (u - c_k)^2."""
+    u = u + model.decoder(u) if model.decoder is not None else u
     c = model.centres.view(1, model.centres.shape[0], *[1] * (u.dim() - 2), 256)
     return -0.5 * torch.exp(-gamma0) * (u[..., None] - c) ** 2
 
 
 def recon_nll(model, k, u, gamma0, window=True):
-    """-log p(x = k | z_0) per element, the 256-way log-softmax at the true bin. For the Gaussian decoder only
-    bins within 8 std (exp(gamma_0 / 2)) of u carry mass (the rest < e^-32 of it), so the log-sum-exp runs
+    """-log p(x = k | z_0) per element, the 256-way log-softmax at the true bin. Only the bins within
+    8 std (exp(gamma_0 / 2)) of u carry mass (the rest < e^-32 of it), so the log-sum-exp runs
     over that window of the evenly spaced bins: exact in float32, and a few bins instead of 256 at
     gamma_0 = -13.3 (the full softmax costs as much as the UNet on a CPU)."""
     chan = torch.arange(k.shape[1], device=k.device).view(1, -1, *[1] * (k.dim() - 2))
     c, step = model.centres, (model.centres[:, 1] - model.centres[:, 0]).view(chan.shape)   # uniform spacing
     W = math.ceil(8 * math.exp(0.5 * gamma0.item()) / step.min().item()) + 1
-    if model.decoder is not None or not window or 2 * W + 1 >= 256:
+    if not window or 2 * W + 1 >= 256:
         return -F.log_softmax(decoder_logits(model, u, gamma0), dim=-1).gather(-1, k[..., None]).squeeze(-1)
+    u = u + model.decoder(u) if model.decoder is not None else u
     j0 = ((u.detach() - c[:, 0].view(chan.shape)) / step).round().clamp(0, 255).long()   # nearest bin
     j = j0[..., None] + torch.arange(-W, W + 1, device=u.device)                          # (..., 2W + 1)
     logits = -0.5 * torch.exp(-gamma0) * (u[..., None] - c[chan[..., None], j.clamp(0, 255)]) ** 2
@@ -186,7 +188,7 @@ def elbo_terms(model, k, y=None, T=0, antithetic=True, var_min=False, dtype="flo
     B, D, dims = k.shape[0], k[0].numel(), tuple(range(1, k.dim()))
     chan = torch.arange(k.shape[1], device=k.device).view(1, -1, *[1] * (k.dim() - 2))
     x = model.centres[chan, k]                                       # bin centres, shaped like k
-    e = model.encoder(x) if model.encoder is not None else x         # the diffused variable
+    e = x + model.encoder(x) if model.encoder is not None else x     # the diffused variable
     gamma0, gamma1 = model.gamma.endpoints()
     # L_recon, sampling z_0 / alpha_0 directly
     recon = recon_nll(model, k, e + torch.exp(0.5 * gamma0) * torch.randn_like(e), gamma0).sum(dims)
@@ -502,10 +504,11 @@ def sample_only(args, fail):
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
     try:
         ckpt = load_checkpoint(path)
+        a = dict(ckpt["args"], sample_steps=args.sample_steps, guidance=args.guidance, labels=args.labels,
+                 seed=args.seed, data_dir=args.data_dir)
+        grid_labels(a, 1) if a["cond"] else None                 # a bad --labels fails here, not after loading
     except ValueError as e:
         fail(str(e))
-    a = dict(ckpt["args"], sample_steps=args.sample_steps, guidance=args.guidance, labels=args.labels,
-             seed=args.seed, data_dir=args.data_dir)
     if args.labels and not a["cond"]:
         fail("--labels needs a conditional checkpoint (trained with --cond)")
     device = pick_device(args.device)
@@ -521,11 +524,8 @@ def sample_only(args, fail):
         with open(os.path.join(out, "metrics_eval.json"), "w") as f:
             json.dump(dict(method="vdm", data=a["data"], step=ckpt["step"], **test), f, indent=1)
         return test
-    try:
-        xs, labels, nfe, sec100 = generate(a, model, args.n_samples or (2500 if data.is_2d(a["data"]) else 100),
-                                           device, args.dtype, args.seed)
-    except ValueError as e:
-        fail(str(e))
+    n = args.n_samples or (2500 if data.is_2d(a["data"]) else 100)
+    xs, labels, nfe, sec100 = generate(a, model, n, device, args.dtype, args.seed)
     tag = f"ancestral{a['sample_steps'] or a['T'] or 1000}"
     real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else None
     save_samples(a, xs, os.path.join(out, f"samples_{tag}.png"), real, labels)
@@ -546,9 +546,9 @@ DEFAULT_OUT = "runs/vdm"
 # batch 128 and 10M steps on a 32-block no-downsampling UNet (the README has that command).
 DEFAULTS = {
     "image": dict(steps=5000, batch_size=64, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=100,
-                  sample_every=0),
+                  sample_every=2500),
     "2d": dict(steps=10000, batch_size=512, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=2500,
-               sample_every=0),
+               sample_every=5000),
 }
 
 
@@ -565,7 +565,8 @@ def get_parser():
     p.add_argument("--schedule", choices=["fixed", "scalar", "net"], default="scalar", help="gamma(t) (Sec. 3.2)")
     p.add_argument("--var-min", action=argparse.BooleanOptionalAction, default=False,
                    help="train the net schedule's interior to minimise the loss variance (Sec. 5.3)")
-    p.add_argument("--latent", action=argparse.BooleanOptionalAction, default=False, help="variant: diffuse a learned encoder's latent")
+    p.add_argument("--latent", action=argparse.BooleanOptionalAction, default=False,
+                   help="variant: diffuse a learned residual conv encoder's latent, decoded by a learned decoder")
     p.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (+ a null class)")
     p.add_argument("--p-uncond", type=float, default=0.2, help="with --cond: label dropout to the null class")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: w in (1 + w) eps(c) - w eps(null)")
