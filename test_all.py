@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_all.py   (a few minutes on 2 cores)
 Real data from ../shared/data is used where present; those tests skip cleanly without it.
 """
+import copy
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -22,8 +24,10 @@ sys.path.insert(0, HERE)
 SHARED = os.path.join(HERE, "..", "shared", "data")
 
 import data  # noqa: E402
+import ddgan  # noqa: E402
 import ddpm  # noqa: E402
 import unet  # noqa: E402
+import vdm  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -593,3 +597,370 @@ def test_ddpm_image_folder_cifar(tmp_path, cifar_folder):
                "--n-samples", "4", "--out", str(out)])
     assert (out / "samples.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["data"] == cifar_folder
+
+
+# ====================================================================================================
+# VDM
+VDM_PY = os.path.join(HERE, "vdm.py")
+TINY_VDM = ["--ch", "8", "--ch-mult", "1", "--image-size", "8", "--classes", "0", "1", "--n-samples", "4",
+        "--sample-steps", "3", "--log-every", "0"]
+
+
+def vdm_args(**kw):
+    """The args dict build_model reads, for a tiny model (images 8x8 by default)."""
+    a = dict(data="glyphs", channels=3, fourier=[7, 8], ch=8, ch_mult=[1], num_res_blocks=1, attn_res=[],
+             dropout=0.0, temb_dim=None, image_size=8, cond=False, class_names=[str(i) for i in range(10)],
+             schedule="fixed", gamma_min=-13.3, gamma_max=5.0, latent=False, hidden=32, layers=2)
+    a.update(kw)
+    return a
+
+
+def swirl_model(schedule="fixed"):
+    """A tiny 2-D VDM (MLP) on the swirl's 8-bit grid, with a non-zero output layer so eps_hat depends on z."""
+    torch.manual_seed(0)
+    m = vdm.build_model(vdm_args(data="swirl", channels=2, fourier=[], schedule=schedule))
+    torch.nn.init.normal_(m.net.out.weight, std=0.1)
+    if schedule == "net":  # a visibly curved interior
+        torch.nn.init.normal_(m.gamma.l2.weight, std=5.0)
+        torch.nn.init.normal_(m.gamma.l2.bias, std=3.0)
+        torch.nn.init.uniform_(m.gamma.l3.weight, 0, 0.05)
+    return m
+
+
+def swirl_k(n=256, seed=0):
+    """n swirl points as their exact 8-bit values (n, 2)."""
+    x = data.load("swirl", "train")[0][:n]
+    return vdm.to_int(dict(data="swirl"), x)
+
+
+# ====================================================================================================
+# VDM: math
+def test_vdm_init_terms_on_uniform_8bit_data():
+    torch.manual_seed(0)
+    m = vdm.build_model(vdm_args()).eval()
+    k = torch.randint(0, 256, (256, 3, 8, 8))
+    with torch.no_grad():
+        recon, prior, diff = (v.mean().item() for v in m(k))
+    assert 0.009 < recon < 0.013                        # ~0.011 bits/dim at gamma_0 = -13.3
+    assert abs(prior - 0.0016) < 0.0002                 # ~0.0016 bits/dim at gamma_1 = 5
+    assert 10.0 < recon + prior + diff < 11.5           # an untrained model (eps_hat = z) is near 10.8
+
+
+def test_vdm_discrete_weight_uses_expm1():
+    w = vdm.diffusion_weight(torch.tensor(5.0, dtype=torch.float64), torch.tensor(5.0 - 18.3 / 1000, dtype=torch.float64), 1000)
+    assert abs(w.item() - 18.47) < 0.005 and abs(w.item() - 18.3) > 0.15
+
+
+def test_vdm_discrete_loss_approaches_continuous():
+    m, k = swirl_model(), swirl_k(1024)
+    losses = {}
+    with torch.no_grad():
+        for T in (10, 100, 1000, 0):
+            torch.manual_seed(1)                        # the same u and eps for every T
+            losses[T] = m(k, T=T)[2].mean().item()
+    gaps = [abs(losses[T] - losses[0]) for T in (10, 100, 1000)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 0.01 * losses[0]
+    assert losses[10] > losses[100] > losses[1000]     # more steps, a tighter bound (Sec. 4.1)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "scalar", "net"])
+def test_vdm_gamma_slope_matches_finite_difference(kind):
+    s = swirl_model(kind).gamma.double()
+    t = torch.linspace(0.02, 0.98, 25, dtype=torch.float64)
+    _, slope, _ = vdm.gamma_and_slope(s, t, create_graph=False)
+    h = 1e-5
+    with torch.no_grad():
+        fd = (s(t + h) - s(t - h)) / (2 * h)
+    assert torch.allclose(slope, fd, rtol=1e-6, atol=1e-6)
+
+
+def test_vdm_net_schedule_endpoints_exact_and_monotone():
+    s = swirl_model("net").gamma
+    g0, g1 = s.endpoints()
+    with torch.no_grad():
+        t = torch.linspace(0, 1, 2001)
+        gamma = s(t)
+        ends = s(torch.tensor([0.37, 1.0, 0.0, 0.61]))
+    assert gamma[0] == g0 and gamma[-1] == g1 and ends[2] == g0 and ends[1] == g1
+    assert torch.all(gamma[1:] > gamma[:-1])
+    lin = g0 + (g1 - g0) * t
+    assert (gamma - lin).abs().max() > 0.5              # really curved, yet pinned at both ends
+
+
+def test_vdm_antithetic_times_lower_variance():
+    torch.manual_seed(0)
+    m, k = vdm.build_model(vdm_args()).eval(), torch.randint(0, 256, (32, 3, 8, 8))   # a fresh model: eps_hat = z
+    est = {True: [], False: []}
+    with torch.no_grad():
+        for anti in (True, False):
+            for _ in range(100):
+                est[anti].append(vdm.elbo_terms(m, k, antithetic=anti)[2].mean().item())
+    assert np.var(est[True]) < 0.5 * np.var(est[False])
+
+
+def test_vdm_recon_window_equals_full_softmax():
+    torch.manual_seed(0)
+    m = vdm.build_model(vdm_args())
+    k = torch.randint(0, 256, (8, 3, 8, 8))
+    x = m.centres[torch.arange(3).view(1, 3, 1, 1), k]
+    for g in (-13.3, -10.0, -7.0, -4.0):
+        u = x + math.exp(g / 2) * 4 * torch.randn_like(x)
+        a = vdm.recon_nll(m, k, u, torch.tensor(g))
+        b = vdm.recon_nll(m, k, u, torch.tensor(g), window=False)
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_vdm_sampler_step_is_the_posterior_at_x_hat():
+    torch.manual_seed(0)
+    z_t, eps_hat, noise = torch.randn(3, 1000, dtype=torch.float64)
+    gt, gs = torch.tensor(1.3, dtype=torch.float64), torch.tensor(-0.8, dtype=torch.float64)
+    a_t2, s_t2, a_s2, s_s2 = torch.sigmoid(-gt), torch.sigmoid(gt), torch.sigmoid(-gs), torch.sigmoid(gs)
+    x_hat = (z_t - s_t2.sqrt() * eps_hat) / a_t2.sqrt()
+    a_ts2 = a_t2 / a_s2                                 # q(z_t | z_s) = N(alpha_{t|s} z_s, sigma_{t|s}^2)
+    s_ts2 = s_t2 - a_ts2 * s_s2
+    mean = a_ts2.sqrt() * s_s2 / s_t2 * z_t + a_s2.sqrt() * s_ts2 / s_t2 * x_hat
+    var = s_ts2 * s_s2 / s_t2
+    z_s = vdm.sample_step(z_t, eps_hat, gt.item(), gs.item(), noise)
+    assert torch.allclose(z_s, mean + var.sqrt() * noise, atol=1e-10)
+
+
+def test_vdm_var_min_changes_only_the_interior_gradient():
+    def grads(var_min, square=False):
+        m = swirl_model("net")
+        torch.manual_seed(2)
+        recon, prior, diff = m(swirl_k(128), var_min=var_min)
+        loss = (diff ** 2).mean() if square else (recon + prior + diff).mean()
+        loss.backward()
+        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in m.named_parameters()}
+
+    elbo, vm, sq = grads(False), grads(True), grads(False, square=True)
+    interior = [n for n in elbo if n.startswith(("gamma.l1", "gamma.l2", "gamma.l3"))]
+    assert interior and len(interior) < len(elbo)
+    for n in elbo:
+        if n in interior:
+            assert not torch.allclose(vm[n], elbo[n])
+            assert (vm[n] - sq[n]).abs().max() <= 1e-5 * sq[n].abs().max()   # = d E[L_diff^2] / d eta
+        else:
+            assert torch.equal(vm[n], elbo[n]), n       # endpoints and network keep the ELBO gradient
+
+
+def test_vdm_guidance_zero_is_the_conditional_model():
+    torch.manual_seed(0)
+    m = vdm.build_model(vdm_args(cond=True)).eval()
+    for p in m.net.parameters():                            # undo the zero inits, so the label matters
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    z, g, y = torch.randn(6, 3, 8, 8), torch.full((6,), 2.0), torch.arange(6)
+    with torch.no_grad():
+        e_c, e_null = vdm.eps_model(m, z, g, y), vdm.eps_model(m, z, g, torch.full_like(y, -1))
+        assert torch.equal(vdm.eps_model(m, z, g, y, w=0.0), e_c)
+        assert torch.allclose(vdm.eps_model(m, z, g, y, w=1.0), 2 * e_c - e_null, atol=1e-5)
+    assert not torch.allclose(e_c, e_null)
+
+
+# ====================================================================================================
+# VDM: smoke runs and the command line
+@pytest.mark.parametrize("extra", [[], ["--T", "10", "--schedule", "fixed"], ["--schedule", "net", "--var-min"],
+                                   ["--latent"], ["--cond", "--labels", "1", "--guidance", "2"]])
+def test_vdm_smoke_images(tmp_path, extra):
+    out = str(tmp_path / "run")
+    vdm.main(["--steps", "2", "--out", out, *TINY_VDM, *extra])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["method"] == "vdm" and m["step"] == 2 and math.isfinite(m["test_bpd"])
+    assert abs(m["test_bpd"] - m["test_recon"] - m["test_prior"] - m["test_diff"]) < 1e-6
+    assert m["nfe"] == (6 if "--cond" in extra else 3) and os.path.exists(os.path.join(out, "samples.png"))
+
+
+def test_vdm_smoke_swirl(tmp_path):
+    out = str(tmp_path / "swirl")
+    vdm.main(["--data", "swirl", "--steps", "5", "--hidden", "32", "--layers", "2", "--n-samples", "64",
+              "--sample-steps", "4", "--out", out, "--log-every", "0"])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert "energy" in m and math.isfinite(m["test_bpd"]) and os.path.exists(os.path.join(out, "samples.png"))
+
+
+def test_vdm_resume_sample_only_and_eval(tmp_path):
+    out = str(tmp_path / "r")
+    vdm.main(["--steps", "2", "--out", out, *TINY_VDM])
+    with pytest.raises(SystemExit) as e:                # an existing run is not overwritten
+        vdm.main(["--steps", "2", "--out", out, *TINY_VDM])
+    assert e.value.code == 2
+    vdm.main(["--steps", "4", "--out", out, "--resume", *TINY_VDM])
+    assert json.load(open(os.path.join(out, "metrics.json")))["step"] == 4
+    vdm.main(["--sample-only", "--out", out, "--n-samples", "5", "--sample-steps", "2", "--save-npz"])
+    arr = np.load(os.path.join(out, "samples_ancestral2.npz"))["arr_0"]
+    assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
+    test = vdm.main(["--eval", "--out", out])
+    assert set(test) == {"test_bpd", "test_recon", "test_prior", "test_diff"}
+    assert json.load(open(os.path.join(out, "metrics_eval.json")))["step"] == 4
+
+
+@pytest.mark.parametrize("bad", [["--var-min"], ["--T", "-1"], ["--data", "25gaussians"],
+                                 ["--data", "swirl", "--latent"], ["--labels", "3"], ["--p-uncond", "1.5"],
+                                 ["--sample-only", "--eval"], ["--resume"]])
+def test_vdm_bad_flags_exit_2(tmp_path, bad):
+    with pytest.raises(SystemExit) as e:
+        vdm.main(["--out", str(tmp_path / "none"), *bad])
+    assert e.value.code == 2
+
+
+def test_vdm_cli_rejects_unknown_schedule():
+    r = subprocess.run([sys.executable, VDM_PY, "--schedule", "cosine"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--schedule" in r.stderr
+
+
+# ====================================================================================================
+# DDGAN: math, losses, smoke runs, command line
+def test_ddgan_betas_match_paper_at_T4():
+    beta = ddgan.make_schedule(4)["beta"]
+    assert torch.allclose(beta.double(), torch.tensor([0.478, 0.849, 0.956, 0.987], dtype=torch.float64), atol=6e-4)
+
+
+@pytest.mark.parametrize("T", [1, 2, 4, 8])
+def test_ddgan_alpha_bar_T_is_4e5_for_every_T(T):
+    s = ddgan.make_schedule(T)
+    assert torch.all(s["beta"] > 0) and torch.all(s["beta"] < 1)
+    assert 3.5e-5 < s["alpha_bar"][-1].item() < 5e-5
+    # the convention: alpha_bar_0 = 1 (x_0 is the data), so the last step's posterior is x0 itself
+    assert s["alpha_bar_prev"][0].item() == 1.0 and s["beta_tilde"][0].item() == 0.0
+
+
+def test_ddgan_pairs_follow_the_forward_process():
+    """x_{t-1} ~ N(sqrt(ab_{t-1}) x0, 1 - ab_{t-1}) and x_t | x_{t-1} ~ N(sqrt(1 - beta_t) x_{t-1}, beta_t)."""
+    torch.manual_seed(0)
+    s = ddgan.make_schedule(4)
+    x0 = torch.full((200_000, 1), 0.6)
+    for step in (1, 3):
+        t = torch.full((len(x0),), step, dtype=torch.long)
+        x_prev, x_t = ddgan.q_sample_pairs(s, x0, t)
+        ab_prev, ab = s["alpha_bar_prev"][step - 1].item(), s["alpha_bar"][step - 1].item()
+        assert abs(x_prev.mean().item() - math.sqrt(ab_prev) * 0.6) < 0.01
+        assert abs(x_prev.var().item() - (1 - ab_prev)) < 0.01
+        assert abs(x_t.mean().item() - math.sqrt(ab) * 0.6) < 0.01 and abs(x_t.var().item() - (1 - ab)) < 0.01
+    t = torch.ones(4, dtype=torch.long)
+    assert torch.equal(ddgan.q_sample_pairs(s, x0[:4], t)[0], x0[:4])     # t = 1: the real x_{t-1} is the data
+
+
+def test_ddgan_last_step_returns_G_x0_and_sampler_uses_T_calls():
+    s = ddgan.make_schedule(4)
+    x0, x_t = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    out = ddgan.sample_posterior(s, x0, x_t, torch.ones(5, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert torch.allclose(out, x0, atol=1e-6)
+    calls, zs = [], []
+
+    def gen(x, t, z):
+        calls.append(int(t[0]))
+        zs.append(z)
+        return torch.tanh(x + z[:, :1, None, None])
+
+    x = ddgan.sample(gen, s, (5, 3, 4, 4), nz=8, generator=torch.Generator().manual_seed(1))
+    assert calls == [4, 3, 2, 1] and not torch.equal(zs[0], zs[1])        # NFE = T, a fresh z at every step
+    assert x.abs().max() <= 1                                             # the output is G's (tanh) x0 itself
+
+
+def test_ddgan_losses_equal_bce_with_logits_and_stay_finite():
+    for logits in (torch.tensor([-100.0, -3.0, 0.0, 2.5, 100.0]), torch.randn(64) * 30):
+        real = logits.clone().requires_grad_(True)
+        fake = logits.flip(0).clone().requires_grad_(True)
+        ld = ddgan.d_loss(real, fake)
+        ref = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+               + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        assert torch.allclose(ld, ref, rtol=1e-5, atol=1e-5)
+        lg = ddgan.g_loss(fake)
+        assert torch.allclose(lg, F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake)), rtol=1e-5)
+        (ld + lg).backward()
+        assert torch.isfinite(ld) and torch.isfinite(lg)
+        assert torch.isfinite(real.grad).all() and torch.isfinite(fake.grad).all()
+    assert ddgan.d_loss(torch.tensor([100.0]), torch.tensor([-100.0])).item() < 1e-30   # a perfect D: loss ~0, not NaN
+
+
+def test_ddgan_r1_is_nonzero_and_differentiable_in_D():
+    torch.manual_seed(0)
+    D = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
+    disc = ddgan.disc_fn(D, 4, "float32")
+    x_prev = torch.randn(4, 3, 8, 8, requires_grad=True)
+    x_t, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    r1 = ddgan.r1_penalty(disc(x_prev, x_t, t), x_prev)
+    assert torch.isfinite(r1) and r1.item() > 0
+    r1.backward()
+    # every weight that shapes grad_x D gets a gradient (the head's bias cannot: it does not depend on x)
+    grads = {n: p.grad for n, p in D.named_parameters() if n != "head.bias"}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert D.conv_in.weight.grad.abs().sum() > 0 and D.head.weight.grad.abs().sum() > 0
+
+
+def _small_image_flags(out, steps=3):
+    return ["--data", "glyphs", "--ch", "8", "--ch-mult", "1", "2", "--num-res-blocks", "1", "--image-size", "8",
+            "--nz", "4", "--batch-size", "8", "--T", "2", "--steps", str(steps), "--sample-every", "2",
+            "--ckpt-every", "2", "--n-samples", "4", "--lazy-reg", "2", "--out", out]
+
+
+def test_ddgan_smoke_2d(tmp_path):
+    out = str(tmp_path / "g2d")
+    ddgan.main(["--data", "25gaussians", "--hidden", "32", "--layers", "2", "--nz", "4", "--batch-size", "64",
+                "--steps", "4", "--sample-every", "2", "--n-samples", "100", "--lazy-reg", "2", "--out", out])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["method"] == "ddgan" and m["nfe"] == 4 and m["step"] == 4 and "modes" in m and "energy" in m
+    assert math.isfinite(m["loss_d"]) and math.isfinite(m["loss_g"])
+    for f in ("samples.png", "samples_0000002.png", "ckpt.pt", "log.txt"):
+        assert os.path.exists(os.path.join(out, f))
+    assert "D(real)" in open(os.path.join(out, "log.txt")).read()
+
+
+def test_ddgan_smoke_image_no_z(tmp_path):
+    out = str(tmp_path / "gimg")
+    ddgan.main(_small_image_flags(out) + ["--no-z"])
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["sampler"] == "ddgan_T2_noz" and m["nfe"] == 2 and m["n_samples"] == 4
+    assert os.path.exists(os.path.join(out, "samples.png")) and os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_ddgan_resume_restores_both_networks_and_optimizers(tmp_path):
+    out = str(tmp_path / "res")
+    ddgan.main(_small_image_flags(out, steps=2))
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["step"] == 2 and ck["opt_G"]["state"] and ck["opt_D"]["state"]
+    with pytest.raises(SystemExit) as e:                                   # no silent overwrite
+        ddgan.main(_small_image_flags(out, steps=4))
+    assert e.value.code == 2
+    # resume: spy on the first two optimizer steps (D's, then G's) to see what the resumed run started from
+    seen = []
+    orig = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        if len(seen) < 2:
+            params = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+            seen.append((copy.deepcopy(self.state_dict()), params))   # Adam updates its state in place
+        return orig(self, *a, **k)
+
+    torch.optim.Adam.step = spy
+    try:
+        ddgan.main(_small_image_flags(out, steps=4) + ["--resume"])
+    finally:
+        torch.optim.Adam.step = orig
+    for (opt_state, params), net, opt in zip(seen, ("D", "G"), ("opt_D", "opt_G")):
+        saved = list(ck[net].values())                                     # no buffers: parameters in order
+        assert len(saved) == len(params) and all(torch.equal(p, q) for p, q in zip(params, saved))
+        assert opt_state["state"][0]["step"].item() == 2
+        assert torch.equal(opt_state["state"][0]["exp_avg"], ck[opt]["state"][0]["exp_avg"])
+    ck2 = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck2["step"] == 4
+    assert ck2["opt_G"]["state"][0]["step"].item() == 4 and ck2["opt_D"]["state"][0]["step"].item() == 4
+    for k in ("G", "D"):                                                   # both networks kept training
+        assert any(not torch.equal(ck[k][n], ck2[k][n]) for n in ck[k])
+    assert len(open(os.path.join(out, "log.txt")).read().splitlines()) > 4
+
+
+def test_ddgan_sample_only_npz_and_cli_errors(tmp_path):
+    out = str(tmp_path / "so")
+    ddgan.main(_small_image_flags(out, steps=2))
+    r = run_cli("ddgan.py", "--sample-only", "--out", out, "--n-samples", "6", "--save-npz")
+    assert r.returncode == 0, r.stderr
+    arr = np.load(os.path.join(out, "samples_T2.npz"))["arr_0"]
+    assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8
+    assert json.load(open(os.path.join(out, "metrics_T2.json")))["nfe"] == 2
+    for bad in (["--T", "0"], ["--data", "no_such_set"], ["--steps", "0"]):
+        r = run_cli("ddgan.py", *bad, "--out", str(tmp_path / "bad"))
+        assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
+    r = run_cli("ddgan.py", "--sample-only", "--out", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
