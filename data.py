@@ -3,19 +3,25 @@
 Images come back as uint8 tensors (N, C, H, W) and are mapped to [-1, 1] only when batched, so a
 cached data set stays small. Built-in sets:
   glyphs       ten digit classes drawn with Pillow's bundled font; no download, made in seconds
-  cifar10      torchvision's CIFAR-10 (needs a download or an existing copy in --data-dir)
+  cifar10      CIFAR-10 from --data-dir: a torchvision copy, else cifar10-jpeg.tar.gz (read in place), else a download
   mnist        torchvision's MNIST, 1 channel (../shared/data holds a copy for offline use)
+  stackedmnist three MNIST digits as the R, G, B channels, label 100 d_R + 10 d_G + d_B: 1000 modes
   path/to/dir  any image-folder tree (class sub-folders, optionally under train/ and test/)
   swirl        the shortcut-MCMC 1.5-turn spiral of 1024 points, standardised per axis
   25gaussians  means on {-4,-2,0,2,4}^2 with std 0.05, at their natural scale (METHODS.md)
 
     x, y, class_names = load("glyphs", image_size=16)
     for x_batch, y_batch in batches(x, y, 128, flip=False): ...
+
+Image scores (no downloads): a small classifier trained once on the real images (cached); score_images gives
+legibility and class coverage under it, features + frechet a Frechet distance in its penultimate features.
 """
 import functools
 import hashlib
+import io
 import math
 import os
+import tarfile
 
 import numpy as np
 import torch
@@ -24,7 +30,7 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGE_SETS = ("glyphs", "cifar10", "mnist")  # anything else that is a directory is an image folder
+IMAGE_SETS = ("glyphs", "cifar10", "mnist", "stackedmnist")  # anything else that is a directory is an image folder
 POINT_SETS = ("swirl", "25gaussians")
 LIMITS = {"25gaussians": 5.5, "swirl": 3.0}  # scatter axes are [-L, L]^2
 
@@ -178,7 +184,8 @@ def _torchvision(name, split, data_dir):
     if ds is None:
         raise ValueError(f"cannot download {name} to {data_dir} (offline?); use --data glyphs, or --data "
                          "path/to/folder (an image-folder tree such as an extracted ../shared/data/"
-                         "cifar10-jpeg.tar.gz), or --data-dir pointing at an existing copy")
+                         "cifar10-jpeg.tar.gz), or --data-dir pointing at an existing copy (for cifar10 also "
+                         "a folder holding cifar10-jpeg.tar.gz, e.g. ../shared/data)")
     if name == "cifar10":
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     else:
@@ -201,6 +208,49 @@ def _folder(root, split, size):
     else:
         x = torch.stack([_fit(t, size) for t in imgs])
     return x, torch.tensor(ds.targets).long(), list(ds.classes)
+
+
+def _cifar_tarball(path, split, classes):
+    """CIFAR-10 from the image-folder tarball (split/<class>/NNNN.jpg, ../shared/data/cifar10-jpeg.tar.gz), read in
+    place: nothing is extracted, so a read-only data folder works and an interrupted read leaves nothing behind.
+    Only the classes asked for (names or indices) are decoded. Returns 32x32 RGB uint8, labels, all class names."""
+    files = {}                                                   # class -> [(file name, jpeg bytes)]
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:                                         # one sequential pass over the gzip stream
+                parts = m.name.split("/")
+                parts = parts[1:] if parts[0] == "." else parts
+                if m.isfile() and len(parts) == 3 and parts[0] == split:
+                    files.setdefault(parts[1], []).append((parts[2], tf.extractfile(m).read()))
+    except (OSError, tarfile.TarError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    names = sorted(files)                                        # CIFAR-10's label order is alphabetical
+    if not names:
+        raise ValueError(f"{path} holds no {split}/<class>/ images")
+    keep = set(names) if not classes else {names[int(c)] if c not in names and c.isdigit() and int(c) < len(names)
+                                           else c for c in classes}
+    xs, ys = [], []
+    for k, c in enumerate(names):
+        if c in keep:
+            for _, jpeg in sorted(files[c]):                     # NNNN.jpg: the original order within the class
+                xs.append(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+                ys.append(k)
+    if not xs:                                                   # unknown class names: the caller lists the valid ones
+        return torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), names
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)     # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    return x, torch.tensor(ys), names
+
+
+def _stacked_mnist(split, data_dir, size, rng):
+    """Stacked MNIST (Metz et al. 2017; the DDGAN paper's mode-coverage test): each image stacks three MNIST digits
+    drawn at random from the split as its R, G, B channels; label 100 d_R + 10 d_G + d_B, so 1000 modes.
+    60,000 train / 10,000 test triples, fixed by rng (the seed)."""
+    digits, y, _ = _torchvision("mnist", split, data_dir)
+    digits = _fit(digits, size)                                  # (M, 1, size, size): resize once, then stack
+    n = 60_000 if split == "train" else 10_000
+    idx = torch.from_numpy(rng.integers(0, len(digits), (n, 3)))
+    x = digits[idx, 0]                                           # (n, 3) indices -> (n, 3, size, size)
+    return x, (y[idx] * torch.tensor([100, 10, 1])).sum(1), [f"{k:03d}" for k in range(1000)]
 
 
 # ---- load ----------------------------------------------------------------------------------
@@ -228,14 +278,20 @@ def _load(name, split, image_size, data_dir, classes, seed):
             raise ValueError(f"glyphs need an image size of at least 8, got {image_size}")
         x, y = _glyphs(30_000 if split == "train" else 5_000, image_size, rng)
         names = [str(d) for d in range(10)]
+    elif name == "stackedmnist":
+        x, y, names = _stacked_mnist(split, data_dir, image_size, rng)
+    elif (name == "cifar10" and os.path.isfile(os.path.join(data_dir, "cifar10-jpeg.tar.gz"))
+          and not os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))):  # no torchvision copy: the tarball
+        x, y, names = _cifar_tarball(os.path.join(data_dir, "cifar10-jpeg.tar.gz"), split, classes)
+        x = _fit(x, image_size) if len(x) else x
     elif name in IMAGE_SETS:
         x, y, names = _torchvision(name, split, data_dir)
         x = _fit(x, image_size)
     elif os.path.isdir(name):
         x, y, names = _folder(name, split, image_size)
     else:
-        raise ValueError(f"unknown dataset '{name}': choose glyphs, cifar10, mnist, swirl, 25gaussians "
-                         "or an image folder")
+        raise ValueError(f"unknown dataset '{name}': choose glyphs, cifar10, mnist, stackedmnist, swirl, "
+                         "25gaussians or an image folder")
     if classes:
         keep = []
         for c in classes:
@@ -424,17 +480,25 @@ def _nuisance(x):
     return x + 0.1 * u[2] * torch.randn_like(x)
 
 
-@functools.lru_cache(maxsize=2)
+def _writable(folder):
+    """False for a folder marked read-only (e.g. ../shared/data, even for root, who may write anyway)."""
+    return not os.path.isdir(folder) or bool(os.stat(folder).st_mode & 0o222 and os.access(folder, os.W_OK))
+
+
+@functools.lru_cache(maxsize=4)
 def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=3):
     """Train (once per process, well under a minute on a CPU) a small CNN on the real training images of a
     labelled data set, with one extra reject class learned from junk images (noise, flat colour, blends of two
     images), so that an illegible sample is not forced into a class. Returns (model in eval mode on the CPU,
     accuracy on the real test split in %, class_names). The caller's random state is left untouched.
-    The trained weights are cached under data_dir/classifiers/, so later runs skip the training."""
+    The trained weights are cached under data_dir/classifiers/ (./data/classifiers/ when data_dir is read-only),
+    so later runs skip the training."""
     x, y, names = load(name, "train", image_size, data_dir, classes)
     k = len(names)
     digest = hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12]  # the cache follows the data, not its name
-    cache = os.path.join(data_dir, "classifiers", f"v3_{digest}_{len(names)}_{epochs}.pt")
+    file = f"v3_{digest}_{len(names)}_{epochs}.pt"
+    caches = [os.path.join(d, "classifiers", file) for d in (data_dir, "./data")]
+    cache = next((c for c in caches if os.path.isfile(c)), caches[0] if _writable(data_dir) else caches[1])
     net = _classifier(x.shape[1], image_size, k)
     if os.path.isfile(cache):
         saved = torch.load(cache, map_location="cpu", weights_only=True)
@@ -470,9 +534,13 @@ def score_images(samples, name, image_size=16, data_dir="./data", classes=None):
     'classes_covered': classes holding >= 1% of the samples; 'min_class_share': the rarest class's % of the
     samples; 'kl_classes': KL of the predicted-class histogram (legible samples) from the real one;
     'clf_acc': the classifier's accuracy on the real test split (%), to show the others can be trusted.
-    {} for 2-D or single-class data."""
-    if is_2d(name):
+    {} for 2-D or single-class data. Stacked MNIST: the MNIST classifier reads each channel; a sample is legible
+    when all three digits are, its class is the mode 100 d_R + 10 d_G + d_B, and 'classes_covered' counts the
+    modes holding >= 1 sample (the DDGAN paper's count; >= 1% would mean nothing for 1000 modes)."""
+    if is_2d(name) or (classes and len(set(map(str, classes))) < 2):
         return {}
+    if name == "stackedmnist":
+        return _score_stacked(samples, image_size, data_dir, classes)
     net, acc, names = classifier(name, image_size, data_dir, tuple(str(c) for c in classes) if classes else None)
     k = len(names)
     if k < 2:
@@ -487,3 +555,64 @@ def score_images(samples, name, image_size=16, data_dir="./data", classes=None):
     kl = (p * torch.log((p + 1e-12) / (real / real.sum()))).sum().item() if legible.any() else math.log(k)
     return {"legible": 100 * legible.double().mean().item(), "classes_covered": int((hist >= 0.01).sum()),
             "min_class_share": 100 * hist.min().item(), "kl_classes": kl, "clf_acc": acc}
+
+
+def _score_stacked(samples, image_size, data_dir, classes):
+    """score_images for Stacked MNIST: the MNIST digit classifier on each of the three channels."""
+    net, acc, _ = classifier("mnist", image_size, data_dir)
+    y_real, names = load("stackedmnist", "train", image_size, data_dir, classes)[1:]
+    x = torch.as_tensor(samples).detach().float().cpu().clamp(-1, 1)
+    B, C, H, W = x.shape
+    prob = torch.cat([net(b).softmax(1) for b in x.reshape(B * C, 1, H, W).split(1000)]).reshape(B, C, -1)
+    conf, digit = prob.max(2)                                                           # (B, 3) each
+    legible = ((conf >= 0.9) & (digit < 10)).all(1)                                     # 10 = the reject class
+    index = torch.full((1000,), -1, dtype=torch.long)                                   # mode -> position in names
+    index[[int(n) for n in names]] = torch.arange(len(names))
+    mode = index[(digit.clamp(max=9) * torch.tensor([100, 10, 1])).sum(1)]
+    ok = legible & (mode >= 0)
+    counts = torch.bincount(mode[ok], minlength=len(names)).double()
+    p, q = counts / counts.sum().clamp(min=1), torch.bincount(y_real, minlength=len(names)).double()
+    q = q / q.sum()
+    kl = (p * torch.log((p + 1e-12) / q.clamp(min=1e-12))).sum().item() if ok.any() else math.log(len(names))
+    return {"legible": 100 * legible.double().mean().item(), "classes_covered": int((counts > 0).sum()),
+            "min_class_share": 100 * counts.min().item() / len(x), "kl_classes": kl, "clf_acc": acc}
+
+
+# ---- Frechet distance in the classifier's feature space -------------------------------------------
+@torch.no_grad()
+def features(x, name, image_size=16, data_dir="./data", classes=None):
+    """Penultimate-layer features (N, 128) of the cached classifier (classifier(name, ...)) for images (N, C, H, W)
+    in [-1, 1] or uint8. Stacked MNIST: the MNIST classifier's features of each channel, concatenated (N, 384).
+    With classes=None the classifier learned every class of the set: the richest feature space, also for
+    scoring a one-class subset such as CIFAR-10 airplanes."""
+    x = to_float(torch.as_tensor(x).detach().cpu()).float().clamp(-1, 1)
+    if name == "stackedmnist":
+        net = classifier("mnist", image_size, data_dir)[0]
+        B, C, H, W = x.shape
+        return _penultimate(net, x.reshape(B * C, 1, H, W)).reshape(B, -1)               # (B, 3 * 128)
+    net = classifier(name, image_size, data_dir, tuple(str(c) for c in classes) if classes else None)[0]
+    return _penultimate(net, x)
+
+
+@torch.no_grad()
+def _penultimate(net, x):
+    """The classifier's penultimate activations: every layer but the last Linear, in chunks of 1000."""
+    return torch.cat([net[:-1](b) for b in x.split(1000)])
+
+
+def frechet(feat_a, feat_b):
+    """Frechet distance between Gaussians fitted to two feature sets (N, F) and (M, F), as FID (Heusel et al. 2017)
+    computes it: |mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a^1/2 C_b C_a^1/2)^1/2), in float64.
+    tr((C_a C_b)^1/2) is taken from the symmetric PSD form C_a^1/2 C_b C_a^1/2, whose eigenvalues are real and
+    >= 0, so no complex square root (scipy's sqrtm) is needed."""
+    a, b = (torch.as_tensor(f).detach().cpu().double().reshape(len(f), -1) for f in (feat_a, feat_b))
+    if min(len(a), len(b)) < 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"frechet needs two sets of >= 2 feature vectors of one width, got {a.shape}, {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a = (a - mu_a).T @ (a - mu_a) / (len(a) - 1)                                    # (F, F), unbiased
+    cov_b = (b - mu_b).T @ (b - mu_b) / (len(b) - 1)
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = (v * w.clamp(min=0).sqrt()) @ v.T                                          # C_a^1/2
+    m = root_a @ cov_b @ root_a
+    tr_root = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_root)

@@ -26,6 +26,7 @@ SHARED = os.path.join(HERE, "..", "shared", "data")
 import data  # noqa: E402
 import ddgan  # noqa: E402
 import ddpm  # noqa: E402
+import trilemma  # noqa: E402
 import unet  # noqa: E402
 import vdm  # noqa: E402
 
@@ -964,3 +965,122 @@ def test_ddgan_sample_only_npz_and_cli_errors(tmp_path):
         assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
     r = run_cli("ddgan.py", "--sample-only", "--out", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+# ====================================================================================================
+# trilemma.py and its data.py helpers (Frechet distance, classifier features, Stacked MNIST, CIFAR-10 tarball)
+# ---- Frechet distance ------------------------------------------------------------------------------
+def _exact(n, mean, cov, seed):
+    """n points whose sample mean and (unbiased) covariance are exactly `mean` and `cov`."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(z.T @ z / (n - 1))).T   # whitened: identity sample covariance
+    return z @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_self_zero_and_grows_with_shift():
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    assert abs(data.frechet(x, x)) < 1e-8
+    shifts = [data.frechet(x, x + d) for d in (0.5, 1.0, 2.0)]
+    assert shifts == sorted(shifts) and shifts[0] > 0
+    assert math.isclose(shifts[1], 16 * 1.0 ** 2, rel_tol=1e-9)      # a pure shift adds |d|^2 per dimension
+
+
+def test_frechet_matches_closed_form_for_two_gaussians():
+    # 2 x 2 covariances that do not commute: tr((A B)^1/2) = sqrt(tr(A B) + 2 sqrt(det(A B))) for 2 x 2 PSD
+    A = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
+    B = torch.tensor([[0.5, -0.2], [-0.2, 1.5]], dtype=torch.float64)
+    mu_a, mu_b = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
+    AB = A @ B
+    tr_root = math.sqrt(AB.trace() + 2 * math.sqrt(torch.linalg.det(AB)))
+    expected = float((mu_a - mu_b).pow(2).sum() + A.trace() + B.trace() - 2 * tr_root)
+    got = data.frechet(_exact(400, mu_a, A, 1), _exact(300, mu_b, B, 2))
+    assert math.isclose(got, expected, rel_tol=1e-9)
+    with pytest.raises(ValueError):
+        data.frechet(torch.zeros(1, 2), torch.zeros(5, 2))
+
+
+# ---- classifier features -----------------------------------------------------------------------------
+def test_classifier_accuracy_and_features(tmp_path, monkeypatch):
+    """glyphs 8x8, 1 epoch: the classifier reads real test digits (>= 90%; measured 97%), and in its penultimate
+    features real test images lie far closer to real training images than noise does."""
+    net, acc, names = data.classifier("glyphs", 8, str(tmp_path), None, 1)
+    assert acc >= 90 and len(names) == 10
+    monkeypatch.setattr(data, "classifier", lambda *args, **kw: (net, acc, names))  # features() of this net
+    real, train = data.load("glyphs", "test", 8)[0][:500], data.load("glyphs", "train", 8)[0][:500]
+    f_real = data.features(real, "glyphs", 8, str(tmp_path))                # uint8 in, as well as [-1, 1]
+    assert f_real.shape == (500, 128) and torch.equal(f_real, data.features(data.to_float(real), "glyphs", 8))
+    floor = data.frechet(data.features(train, "glyphs", 8), f_real)
+    noise = data.frechet(data.features(torch.rand(500, 3, 8, 8) * 2 - 1, "glyphs", 8), f_real)
+    assert noise > 20 * floor
+    ro = tmp_path / "ro"                                                 # a read-only --data-dir (../shared/data)
+    ro.mkdir(mode=0o555)                                                 # keeps its classifier cache in ./data
+    assert not data._writable(str(ro)) and data._writable(str(tmp_path))
+
+
+# ---- real data sets ------------------------------------------------------------------------------
+def test_stackedmnist_shapes_labels_and_scores():
+    _need_shared("MNIST", "raw")
+    x, y, names = data.load("stackedmnist", "test", 16, SHARED)
+    assert x.shape == (10_000, 3, 16, 16) and x.dtype == torch.uint8 and len(names) == 1000
+    assert y.min() >= 0 and y.max() < 1000 and len(y.unique()) > 990    # 10,000 draws cover ~all 1000 modes
+    digits, dy, _ = data.load("mnist", "test", 16, SHARED)
+    # every channel is an MNIST test digit, and the label spells the three digits
+    for i in range(3):
+        c = [((digits[:, 0] == x[i, k]).flatten(1).all(1)).nonzero()[:, 0] for k in range(3)]
+        assert 100 * dy[c[0][0]] + 10 * dy[c[1][0]] + dy[c[2][0]] == y[i]
+    x2, y2, _ = data.load("stackedmnist", "test", 16, SHARED, seed=1)
+    assert not torch.equal(y, y2) and torch.equal(y, data.load("stackedmnist", "test", 16, SHARED)[1])
+
+
+def test_cifar10_from_tarball_one_class():
+    d = os.path.dirname(_need_shared("cifar10-jpeg.tar.gz"))
+    if os.path.isdir(os.path.join(d, "cifar-10-batches-py")):
+        pytest.skip("a torchvision copy takes precedence there")
+    x, y, names = data.load("cifar10", "test", 16, d, ["airplane"])
+    assert x.shape == (1000, 3, 16, 16) and names == ["airplane"] and (y == 0).all()
+    with pytest.raises(ValueError, match="unknown class"):
+        data.load("cifar10", "test", 16, d, ["zebra"])
+
+
+# ---- trilemma.py end to end ----------------------------------------------------------------------------
+def test_trilemma_table_end_to_end(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "tri"
+    argv = ["--data", "25gaussians", "--methods", "ddpm", "ddgan", "--steps", "20", "--n-samples", "200",
+            "--hidden", "32", "--layers", "1", "--batch-size", "64", "--out", str(out), "--device", "cpu"]
+    assert trilemma.main(argv) == 0
+    md = (out / "table.md").read_text()
+    assert "| method | sampler | NFE | s / 100 samples | quality | coverage |" in md
+    res = json.loads((out / "results.json").read_text())
+    by = {(r["method"], r["nfe"]) for r in res["rows"]}
+    assert by == {("ddpm", 1000), ("ddpm", 50), ("ddgan", 4)}           # T = 1000, DDIM 50, DDGAN T = 4
+    assert all(r["sec_per_100"] > 0 and 0 <= r["modes"] <= 25 for r in res["rows"])
+    assert "/25 modes" in md and "real data" in md
+    img = np.asarray(Image.open(out / "trilemma.png"))
+    assert img.shape[1] == 4 * 400 + 3 * 10                            # real + three samplers side by side
+    # a second run into the same folder is refused without --reuse; with it, nothing is trained again
+    with pytest.raises(SystemExit) as e:
+        trilemma.main(argv)
+    assert e.value.code == 2
+    capsys.readouterr()
+    monkeypatch.setattr(trilemma, "sample", lambda a, method, out: ([], []))   # only the training step is checked
+    assert trilemma.main(argv + ["--reuse", "--methods", "ddgan"]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "training took" not in printed
+
+
+def test_trilemma_bad_flags_exit_2(tmp_path):
+    for argv in (["--data", "imagenet"], ["--data", "glyphs", "--classes", "cat"], ["--steps", "0"],
+                 ["--methods", "gan"]):
+        with pytest.raises(SystemExit) as e:
+            trilemma.main(argv + ["--out", str(tmp_path / "x")])
+        assert e.value.code == 2
+    assert not (tmp_path / "x").exists()                                # nothing written
+
+
+def test_trilemma_skips_a_missing_method_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(trilemma.METHODS, "shortcut", ("no_such_method.py", [("K10", [])]))
+    assert trilemma.main(["--data", "25gaussians", "--methods", "shortcut", "--n-samples", "50",
+                          "--out", str(tmp_path)]) == 1                  # no method ran: exit 1, the table says why
+    assert "no_such_method.py is missing" in capsys.readouterr().out
+    assert "no_such_method.py is missing" in (tmp_path / "table.md").read_text()

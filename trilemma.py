@@ -1,0 +1,326 @@
+"""The generative learning trilemma, measured: DDPM, VDM, DDGAN and shortcut MCMC on the same data.
+
+Xiao, Kreis & Vahdat (2022, arXiv 2112.07804) name three things a generative model should give at once: high
+sample quality, mode coverage and fast sampling. This script trains every method with the same budget (the
+same training steps on the same data, through each script's own command line), or reuses their checkpoints,
+then samples each method's sampler(s) in one run on one device and scores all samples the same way:
+
+  sampler       DDPM: Algorithm 2 over T = 1000 steps and DDIM on 50; VDM: ancestral, 1000 steps; DDGAN: its T
+                steps (4); shortcut MCMC: K = 10 jumps (K + 1 network calls)
+  speed         network evaluations per sample (NFE) and wall seconds per 100 samples, from each method's metrics
+  quality       25gaussians: % high-quality samples (within 3 std of a mean) and energy distance; swirl: energy
+                distance; images: Frechet distance to the real test images in the penultimate features of a
+                small classifier trained on the real training images (data.features, data.frechet), and % legible
+  coverage      25gaussians: modes covered of 25, KL of the mode histogram from uniform; labelled images: classes
+                covered and KL of the predicted-class histogram from the real one (Stacked MNIST: 1000 modes)
+
+A "real data" row scores n real samples the same way (training images against the same test images; fresh 2-D
+points): the Frechet or energy floor, and the legibility and coverage a perfect sampler reaches with n samples.
+Training budget: the same number of steps for every method (a DDGAN step is one D and one G update).
+
+Run:   python trilemma.py --quick                         # glyphs, all four methods, < 30 min on a 2-core CPU
+       python trilemma.py --quick --data 25gaussians      # DDPM and DDGAN (VDM and shortcut need 8-bit data)
+       python trilemma.py --data cifar10 --classes airplane --data-dir ../shared/data --device cuda
+       python trilemma.py --reuse                         # sample and score the existing checkpoints again
+
+Writes to --out (default runs/trilemma): <method>/ (each script's own run folder: ckpt.pt, log.txt, ...),
+<method>/eval_<sampler>/ (the --sample-only run: .npz, metrics), table.md, results.json and trilemma.png.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# method -> (script, samplers: (short name, extra --sample-only flags)). Each script's own defaults set T (DDPM 1000,
+# DDGAN 4, shortcut 200); the flags below only choose the sampler.
+METHODS = {
+    "ddpm": ("ddpm.py", [("T1000", []), ("ddim50", ["--sample-steps", "50"])]),
+    "vdm": ("vdm.py", [("ancestral1000", ["--sample-steps", "1000"])]),
+    "ddgan": ("ddgan.py", [("T", [])]),
+    "shortcut": ("shortcut_mcmc.py", [("K10", ["--K", "10"])]),
+}
+# The training budget, the same for every method (steps; each method keeps its own batch size, lr and model
+# defaults unless the flags below set them), and the number of samples each sampler draws for the scores.
+SETTINGS = {
+    "quick": {"image": dict(steps=1000, n_samples=200), "2d": dict(steps=10000, n_samples=2500)},
+    "full": {"image": dict(steps=20000, n_samples=5000), "2d": dict(steps=20000, n_samples=10000)},
+}
+PASS = ("batch_size", "ch", "ch_mult", "num_res_blocks", "hidden", "layers")   # model flags handed to every script
+# Training flags that follow the budget: shortcut MCMC adds its fidelity loss after a diffusion-only warm-up, half
+# of its default budget (1500 of 3000 image steps), so it keeps that proportion of any budget.
+TRAIN_EXTRA = {"shortcut": lambda steps: ["--fid-start", str(steps // 2)]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the method scripts
+def device(name):
+    """The device --device auto resolves to in every script: CUDA, then Apple mps, then the CPU."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def run(cmd, prefix):
+    """Run one command line, echo its output with a prefix; return (exit code, its last non-empty line)."""
+    print(f"{prefix} $ {' '.join(cmd[1:])}", flush=True)
+    last = ""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        for line in p.stdout:
+            print(f"{prefix} {line.rstrip()}", flush=True)
+            last = line.strip() or last
+    return p.returncode, last
+
+
+def method_flags(a):
+    """The flags every script gets: data, budget, model overrides, runtime."""
+    flags = ["--data", a.data, "--data-dir", a.data_dir, "--image-size", a.image_size, "--seed", a.seed,
+             "--device", a.device]
+    if a.classes:
+        flags += ["--classes", *a.classes]
+    for k in PASS:
+        v = getattr(a, k)
+        if v is not None:
+            flags += [f"--{k.replace('_', '-')}", *(v if isinstance(v, list) else [v])]
+    return [str(f) for f in flags]
+
+
+def train(a, method, out):
+    """Train one method into out/ with the shared budget (or reuse out/ckpt.pt); returns None or why it failed."""
+    script, _ = METHODS[method]
+    ckpt = os.path.join(out, "ckpt.pt")
+    if os.path.exists(ckpt):                                     # main() made sure --reuse was given
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        differ = [k for k in ("data", "image_size", "classes") if saved["args"].get(k) != getattr(a, k)]
+        if differ:                                               # the samples would not match the scores' data
+            return f"not reused: {ckpt} has other {', '.join(differ)} than asked for"
+        print(f"[{method}] reusing {ckpt} (step {saved['step']})", flush=True)
+        return None
+    # --sample-every 0 and 4 end-of-training samples: the samples that are scored come from sample()
+    cmd = [sys.executable, os.path.join(HERE, script), *method_flags(a), "--steps", str(a.steps),
+           "--sample-every", "0", "--n-samples", str(min(4, a.n_samples)), "--out", out,
+           *TRAIN_EXTRA.get(method, lambda steps: [])(a.steps)]
+    t0 = time.time()
+    code, last = run(cmd, f"[{method}]")
+    print(f"[{method}] training took {time.time() - t0:.0f} s", flush=True)
+    if code == 2:                                                # an argparse error: the script refuses this data
+        return f"not run: {last}"
+    return None if code == 0 else f"training failed (exit {code}): {last}"
+
+
+def sample(a, method, out):
+    """Sample each of the method's samplers from out/ckpt.pt with --save-npz into out/eval_<sampler>/; returns a list
+    of (sampler tag, samples, metrics dict) and a list of failures."""
+    script, samplers = METHODS[method]
+    rows, failed = [], []
+    for tag, extra in samplers:
+        folder = os.path.join(out, f"eval_{tag}")
+        shutil.rmtree(folder, ignore_errors=True)                # only this sampler's fresh files are read below
+        cmd = [sys.executable, os.path.join(HERE, script), "--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"),
+               "--out", folder, "--n-samples", str(a.n_samples), "--save-npz", "--seed", str(a.seed),
+               "--device", a.device, "--data-dir", a.data_dir, *extra]
+        code, last = run(cmd, f"[{method} {tag}]")
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        npz = [f for f in files if f.startswith("samples_") and f.endswith(".npz")]
+        js = [f for f in files if f.startswith("metrics") and f.endswith(".json")]
+        if code != 0 or len(npz) != 1 or len(js) != 1:
+            failed.append(f"{method} {tag}: sampling failed (exit {code}): {last}")
+            continue
+        with open(os.path.join(folder, js[0])) as f:
+            metrics = json.load(f)
+        x = torch.from_numpy(np.load(os.path.join(folder, npz[0]))["arr_0"])
+        if x.dtype == torch.uint8:                               # images: uint8 NHWC -> float NCHW in [-1, 1]
+            x = data.to_float(x.permute(0, 3, 1, 2))
+        rows.append((tag, x.float(), metrics))
+    return rows, failed
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores: every sampler and the real data through the same functions
+def reference(a, n):
+    """What every sample set is compared with: real test points/images (+ their classifier features for images)
+    and the real-data row's scores (n real points or training images scored like samples)."""
+    if data.is_2d(a.data):                                       # n fresh real points (swirl has only 1024)
+        real = data.load(a.data, "train", seed=a.seed + 1)[0][:n]
+        return dict(real=real, row=score(a, real, None))
+    x_test = data.to_float(data.load(a.data, "test", a.image_size, a.data_dir, a.classes, a.seed)[0])
+    x_train = data.load(a.data, "train", a.image_size, a.data_dir, a.classes, a.seed)[0]
+    pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(a.seed))[:n]
+    # features from the classifier of all classes (classes=None): also meaningful for a one-class subset
+    ref = dict(feat_test=data.features(x_test, a.data, a.image_size, a.data_dir), real=data.to_float(x_train[pick]))
+    ref["row"] = score(a, ref["real"], ref)
+    return ref
+
+
+def score(a, x, ref):
+    """Quality and coverage of samples x (2-D points, or images in [-1, 1]) as a dict of numbers."""
+    if data.is_2d(a.data):
+        return data.score_2d(x, a.data, seed=a.seed)
+    fd = data.frechet(data.features(x, a.data, a.image_size, a.data_dir), ref["feat_test"])
+    return dict(fd=fd, **data.score_images(x, a.data, a.image_size, a.data_dir, a.classes))
+
+
+def cells(a, s, real=False):
+    """The table's quality and coverage cells for one row's scores."""
+    if a.data == "25gaussians":
+        energy = f"energy {s['energy_floor']:.4f} (floor)" if real else f"energy {s['energy']:.4f}"
+        return f"hq {s['hq']:.1f}%, {energy}", f"{s['modes']}/25 modes, KL {s['kl']:.3f}"
+    if data.is_2d(a.data):
+        return (f"energy {s['energy_floor']:.4f} (floor)" if real else f"energy {s['energy']:.4f}"), "-"
+    quality = f"FD {s['fd']:.2f}" + (" (floor)" if real else "")
+    if "legible" not in s:                                       # one class (e.g. CIFAR-10 airplanes)
+        return quality, "n/a (one class)"
+    k = len(data.load(a.data, "train", a.image_size, a.data_dir, a.classes, a.seed)[2])
+    what = "modes" if a.data == "stackedmnist" else "classes"
+    return f"{quality}, legible {s['legible']:.0f}%", f"{s['classes_covered']}/{k} {what}, KL {s['kl_classes']:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output: the table and one picture
+def table(a, rows, ref, notes):
+    """The markdown table (method, sampler, NFE, s/100, quality, coverage) with a header naming the run."""
+    try:
+        git = ["git", "-C", HERE]
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        if subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                          text=True).stdout.strip():
+            commit += " + uncommitted changes"
+    except OSError:
+        commit = "unknown"
+    what = f"{a.data}" + (f" ({', '.join(a.classes)})" if a.classes else "") + \
+        ("" if data.is_2d(a.data) else f" {a.image_size}x{a.image_size}")
+    lines = [f"`python trilemma.py {' '.join(a.argv)}` at commit `{commit}`: {what}, {a.steps} training steps "
+             f"per method, {a.n_samples} samples per sampler, device {device(a.device)}.", "",
+             "| method | sampler | NFE | s / 100 samples | quality | coverage |", "|---|---|---|---|---|---|"]
+    for method, _, m, s in rows:
+        quality, coverage = cells(a, s)
+        lines.append(f"| {method} | {m['sampler']} | {m['nfe']} | {m['sec_per_100']:.3g} | {quality} | {coverage} |")
+    quality, coverage = cells(a, ref["row"], real=True)
+    lines.append(f"| real data | {'fresh points' if data.is_2d(a.data) else 'train vs test'} | - | - | "
+                 f"{quality} | {coverage} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def picture(a, rows, ref, path):
+    """One PNG: a scatter (2-D) or a 6 x 6 sample grid (images) per sampler side by side, real data first."""
+    titles = ["real"] + [f"{method} {m['sampler']} (NFE {m['nfe']})" for method, _, m, _ in rows]
+    sets = [ref["real"]] + [x for _, x, _, _ in rows]
+    if data.is_2d(a.data):
+        return data.save_scatter(sets, path, a.data, real=ref["real"], titles=titles)   # real points in grey
+    panels = []
+    for k, x in enumerate(sets):
+        tmp = f"{path}.{k}.panel.png"
+        data.save_grid(x[:36], tmp, nrow=6)
+        panels.append(Image.open(tmp).convert("RGB"))
+        os.remove(tmp)
+    gap, top = 10, 20
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), top + panels[0].height),
+                       (255, 255, 255))
+    draw, font, left = ImageDraw.Draw(canvas), ImageFont.load_default(size=13), 0
+    for p, title in zip(panels, titles):
+        canvas.paste(p, (left, top))
+        draw.text((left + 2, 3), title, fill=(0, 0, 0), font=font)
+        left += p.width + gap
+    canvas.save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+def get_parser():
+    p = argparse.ArgumentParser(description="Train and sample DDPM, VDM, DDGAN and shortcut MCMC on the same data; "
+                                "one table of speed, quality and coverage.", allow_abbrev=False)
+    p.add_argument("--data", default="glyphs", help="glyphs | 25gaussians | swirl | cifar10 | stackedmnist | mnist | "
+                   "path to an image folder")
+    p.add_argument("--data-dir", default="./data", help="where cifar10 (a torchvision copy or cifar10-jpeg.tar.gz) "
+                   "and MNIST are, e.g. ../shared/data")
+    p.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices), e.g. airplane")
+    p.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="which methods to run")
+    p.add_argument("--quick", action="store_true", help="CPU-sized budget: the whole run within ~30 min on 2 cores")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every method (default: the setting's)")
+    p.add_argument("--n-samples", type=int, default=None, help="samples per sampler for the scores (default: the "
+                   "setting's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of every method (default: each script's)")
+    p.add_argument("--ch", type=int, default=None, help="UNet base channels of every method (default: each script's)")
+    p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="UNet channel multipliers (default: each "
+                   "script's)")
+    p.add_argument("--num-res-blocks", type=int, default=None, help="UNet residual blocks per level (default: each "
+                   "script's)")
+    p.add_argument("--hidden", type=int, default=None, help="2-D MLP width (default: each script's)")
+    p.add_argument("--layers", type=int, default=None, help="2-D MLP hidden layers (default: each script's)")
+    p.add_argument("--out", default="runs/trilemma", help="folder for the method runs, table.md, results.json, "
+                   "trilemma.png")
+    p.add_argument("--reuse", action="store_true", help="reuse OUT/<method>/ckpt.pt where it exists (train the rest)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of training and sampling")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where every method runs")
+    return p
+
+
+def main(argv=None):
+    parser = get_parser()
+    a = parser.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    setting = SETTINGS["quick" if a.quick else "full"]["2d" if data.is_2d(a.data) else "image"]
+    a.steps = setting["steps"] if a.steps is None else a.steps
+    if a.n_samples is None:
+        a.n_samples = 1024 if a.data == "swirl" else setting["n_samples"]     # swirl: all 1024 held-out points
+    if a.steps < 1 or a.n_samples < 2:
+        parser.error("--steps must be at least 1 and --n-samples at least 2")
+    try:                                                         # bad data flags fail here, before any training
+        data.load(a.data, "train", a.image_size, a.data_dir, a.classes, a.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    exists = [m for m in a.methods if os.path.exists(os.path.join(a.out, m, "ckpt.pt"))]
+    if exists and not a.reuse:
+        parser.error(f"{a.out} holds checkpoints of {', '.join(exists)}: pass --reuse to sample them again, "
+                     "or choose another --out")
+    os.makedirs(a.out, exist_ok=True)
+    torch.set_flush_denormal(True)
+    print(f"trilemma | data {a.data} | methods {' '.join(a.methods)} | {a.steps} steps each | {a.n_samples} samples "
+          f"per sampler | device {device(a.device)} | out {a.out}", flush=True)
+
+    rows, notes = [], []
+    for method in a.methods:
+        out = os.path.join(a.out, method)
+        if not os.path.isfile(os.path.join(HERE, METHODS[method][0])):
+            notes.append(f"{method}: {METHODS[method][0]} is missing next to trilemma.py: skipped")
+            print(notes[-1], flush=True)
+            continue
+        why = train(a, method, out)
+        if why:
+            notes.append(f"{method}: {why}")
+            print(notes[-1], flush=True)
+            continue
+        sampled, failed = sample(a, method, out)
+        notes += failed
+        rows += [(method, x, m, None) for tag, x, m in sampled]
+    ref = reference(a, a.n_samples)
+    rows = [(method, x, m, score(a, x, ref)) for method, x, m, _ in rows]
+
+    md = table(a, rows, ref, notes)
+    print("\n" + md, flush=True)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(md)
+    results = dict(args={k: v for k, v in vars(a).items()}, real=ref["row"],
+                   rows=[dict(method=method, **{k: m[k] for k in ("sampler", "nfe", "sec_per_100", "step")
+                                                if k in m}, **s) for method, _, m, s in rows], notes=notes)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    picture(a, rows, ref, os.path.join(a.out, "trilemma.png"))
+    print(f"wrote {os.path.join(a.out, 'table.md')}, results.json and trilemma.png", flush=True)
+    return 1 if notes and not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
