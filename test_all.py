@@ -26,6 +26,7 @@ SHARED = os.path.join(HERE, "..", "shared", "data")
 import data  # noqa: E402
 import ddgan  # noqa: E402
 import ddpm  # noqa: E402
+import shortcut_mcmc as sm  # noqa: E402
 import trilemma  # noqa: E402
 import unet  # noqa: E402
 import vdm  # noqa: E402
@@ -965,6 +966,192 @@ def test_ddgan_sample_only_npz_and_cli_errors(tmp_path):
         assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
     r = run_cli("ddgan.py", "--sample-only", "--out", str(tmp_path / "missing"))
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+# ====================================================================================================
+# Shortcut MCMC: the chain, smoke runs, command line
+TINY_2D = ["--hidden", 32, "--layers", 2, "--batch-size", 64, "--T", 20, "--K", 3, "--n-samples", 64,
+           "--subsets", 2, "--eval-seeds", 1]
+
+
+def toy_model(seed=0):
+    """A small 2-D ShortcutVDM whose zero-initialised output layer is perturbed (as after a training step)."""
+    torch.manual_seed(seed)
+    model = sm.ShortcutVDM(unet.MLP(in_dim=2, hidden=32, layers=2), torch.full((2,), -3.0), torch.full((2,), 3.0),
+                           torch.full((2,), 0.02))
+    torch.nn.init.normal_(model.net.out.weight, std=0.3)
+    return model
+
+
+CFG = dict(T=20, K=4, renoise="eps_hat", clip=True, fidelity="l2", fid_batch=64, dtype="float32")
+
+
+# ====================================================================================================
+# shortcut_mcmc.py: the chain's math
+@pytest.mark.parametrize("fidelity", ["l2", "energy"])
+@pytest.mark.parametrize("renoise", ["forward", "eps_hat", "fresh"])
+def test_fidelity_loss_alone_trains_every_network_parameter(fidelity, renoise):
+    model = toy_model()
+    x0 = torch.randn(64, 2)
+    fid = model(x0, dict(CFG, fidelity=fidelity, renoise=renoise), True)[3]
+    assert torch.isfinite(fid) and fid > 0
+    fid.backward()
+    for name, p in model.net.named_parameters():                          # the public code's fid reached no weight
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.b.grad is None and model.w.grad is None                # schedule detached inside the chain
+
+
+def test_each_iteration_draws_new_times(monkeypatch):
+    drawn, real = [], sm.chain_times
+    monkeypatch.setattr(sm, "chain_times", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    model, x0 = toy_model(), torch.randn(16, 2)
+    torch.manual_seed(1)
+    for _ in range(2):
+        model(x0, CFG, True)
+    assert len(drawn) == 2 and drawn[0] != drawn[1]
+    for n in drawn:                                                     # t = 1 first, then K distinct, descending
+        assert n[0] == 20 and len(set(n[1:])) == 4 and n == sorted(n, reverse=True) and 1 <= min(n) and n[1] < 20
+    assert model(x0, CFG, False)[3].item() == 0 and len(drawn) == 2     # no chain without the fidelity term
+
+
+def test_chain_eps_hat_equals_ddim_eta0():
+    """--renoise eps_hat: each jump is DDIM's eta = 0 update (Song et al. Eq. 12) written with
+    alpha_bar = sigmoid(-gamma), computed here independently in float64."""
+    model, T, times = toy_model(), 20, [20, 13, 7, 2]
+    z1 = torch.randn(5, 2)
+    with torch.no_grad():
+        got = sm.run_chain(model, z1, times, T, "eps_hat", clip=False)
+        b, w = model.b.double(), model.w.abs().double()
+        x = z1.double()
+        for i, n in enumerate(times):
+            ab = torch.sigmoid(-(b + w * n / T))
+            eps = model.net(x.float(), torch.full((5,), 1000 * ((b + w * n / T).item() + 13.3) / 18.3)).double()
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            if i + 1 < len(times):
+                ab_prev = torch.sigmoid(-(b + w * times[i + 1] / T))
+                x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    assert torch.allclose(got.double(), x0, atol=1e-4)
+    # the other modes differ: forward reuses z_1 as the noise, fresh draws new noise
+    assert not torch.allclose(sm.run_chain(model, z1, times, T, "forward", clip=False).detach(), got, atol=1e-4)
+
+
+def test_full_chain_visits_every_grid_time():
+    T = 12
+    assert sm.chain_times(T, T - 1, "random") == list(range(T, 0, -1))
+    assert sm.chain_times(T, T - 1, "even") == list(range(T, 0, -1))
+    assert sm.chain_times(200, 10, "even")[:2] == [200, 180] and sm.chain_times(200, 10, "even")[-1] == 1
+    model, seen = toy_model(), []
+    real = model.eps_hat
+    model.eps_hat = lambda z, g, dtype="float32": seen.append(g[0].item()) or real(z, g, dtype)
+    sm.run_chain(model, torch.randn(3, 2), sm.chain_times(T, T - 1), T, "fresh")
+    want = model.gamma(torch.arange(T, 0, -1) / T).tolist()
+    assert len(seen) == T and np.allclose(seen, want, atol=1e-5)
+    with pytest.raises(ValueError):
+        sm.chain_times(T, T)
+
+
+def test_samplers_finite_and_in_the_box():
+    model = toy_model()
+    g = torch.Generator().manual_seed(0)
+    a = sm.sample_ancestral(model, (50, 2), 20, clip=True, generator=g)
+    c = sm.sample_chain(model, (50, 2), [20, 10, 3], 20, "fresh", generator=g)
+    for x in (a, c):
+        assert torch.isfinite(x).all() and x.abs().max() <= 3.0
+
+
+# ====================================================================================================
+# shortcut_mcmc.py: smoke runs and the command line
+def test_shortcut_2d_train_resume_sample_only(tmp_path, capsys):
+    out = tmp_path / "swirl"
+    assert main_exit(sm.main, [*TINY_2D, "--steps", 4, "--fid-start", 2, "--out", out]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "shortcut_mcmc" and m["nfe"] == 4 and m["step"] == 4 and m["sec_per_100"] > 0
+    assert {"energy", "energy_floor", "energy_std", "fid", "sampler", "n_samples", "loss"} <= set(m) and m["runs"] == 2
+    assert m["fid"] > 0 and (out / "samples.png").is_file()
+    # a second run into the same folder must not overwrite the checkpoint; --resume continues 4 -> 6
+    assert main_exit(sm.main, [*TINY_2D, "--steps", 4, "--out", out]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main_exit(sm.main, [*TINY_2D, "--steps", 6, "--out", out, "--resume"]) == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6 and "steps 4..6" in capsys.readouterr().out
+    # --sample-only needs no training flags
+    assert main_exit(sm.main, ["--sample-only", "--out", out, "--K", 5, "--times", "even", "--n-samples", 30,
+                               "--save-npz"]) == 0
+    assert np.load(out / "samples_chain5_even_eps_hat.npz")["arr_0"].shape == (30, 2)
+    assert json.loads((out / "metrics_chain5_even_eps_hat.json").read_text())["nfe"] == 6
+    assert main_exit(sm.main, ["--sample-only", "--out", out, "--times", "ancestral", "--n-samples", 30]) == 0
+    assert json.loads((out / "metrics_ancestral20.json").read_text())["nfe"] == 20
+    assert main_exit(sm.main, ["--sample-only", "--out", out, "--K", 20]) == 2
+    assert "T-1 = 19" in capsys.readouterr().err
+
+
+def test_shortcut_images_smoke_and_npz(tmp_path, tiny_folder):
+    out = tmp_path / "img"
+    assert main_exit(sm.main, ["--data", tiny_folder, *TINY_UNET, "--T", 10, "--K", 2, "--steps", 2, "--fid-start", 1,
+                               "--fid-batch", 4, "--n-samples", 4, "--dtype", "bfloat16", "--out", out]) == 0
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 3 and (out / "samples.png").is_file()
+    assert main_exit(sm.main, ["--sample-only", "--out", out, "--K", 3, "--n-samples", 4, "--save-npz"]) == 0
+    arr = np.load(out / "samples_chain3_random_eps_hat.npz")["arr_0"]
+    assert arr.shape == (4, 8, 8, 3) and arr.dtype == np.uint8
+
+
+def test_shortcut_compare_prints_table_and_picture(tmp_path, capsys):
+    assert main_exit(sm.main, [*TINY_2D, "--steps", 3, "--fid-start", 1, "--compare", "--out", tmp_path]) == 0
+    text = capsys.readouterr().out
+    assert "| baseline | K=3 random, eps_hat | 4 |" in text and "| shortcut | ancestral 20 | 20 |" in text
+    assert "| shortcut | K=3 random, forward | 4 |" in text and "| baseline | all 20 grid times, eps_hat | 20 |" in text
+    assert Image.open(tmp_path / "compare.png").size[0] > 1600            # four panels side by side
+    assert (tmp_path / "baseline" / "ckpt.pt").is_file() and (tmp_path / "shortcut" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--K", "0"], "--K must be between 1 and T-1"),
+    (["--T", "20", "--K", "20"], "--K must be between 1 and T-1"),
+    (["--data", "25gaussians"], "needs the 8-bit swirl"),
+    (["--data", "nosuchdata"], "unknown dataset"),
+    (["--lambda-fid", "-1"], "--lambda-fid"),
+    (["--fid-every", "0"], "--fid-every"),
+    (["--renoise", "ddpm"], "invalid choice"),
+    (["--k", "3"], "unrecognized"),
+])
+def test_shortcut_bad_flags_exit_2(tmp_path, flags, message, capsys):
+    assert main_exit(sm.main, [*flags, "--steps", 1, "--out", tmp_path / "bad"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
+def test_shortcut_bad_flag_from_the_shell(tmp_path):
+    r = run_cli("shortcut_mcmc.py", "--K", 0, "--out", tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("--K must be between 1 and T-1 = 199")
+
+
+def test_shortcut_bad_checkpoints(tmp_path, capsys):
+    assert main_exit(sm.main, ["--sample-only", "--out", tmp_path / "missing"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    torch.save({"method": "ddpm", "step": 1}, tmp_path / "other" / "ckpt.pt")
+    assert main_exit(sm.main, ["--sample-only", "--out", tmp_path / "other"]) == 2
+    assert "not a shortcut_mcmc checkpoint" in capsys.readouterr().err
+
+
+def test_shortcut_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    assert main_exit(sm.main, [*TINY_2D, "--steps", 2, "--out", out]) == 0
+    before = (out / "ckpt.pt").read_bytes()
+    nan = torch.tensor(float("nan"), requires_grad=True) * 1
+    monkeypatch.setattr(sm, "losses", lambda *a, **k: (nan, nan * 0, nan * 0, nan * 0))
+    assert main_exit(sm.main, [*TINY_2D, "--steps", 4, "--out", out, "--resume"]) == 1
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_shortcut_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "shortcut_mcmc.py"), *map(str, TINY_2D), "--steps", "3", "--fid-start", "1",
+                        "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x2" in r.stdout and (out / "ckpt.pt").is_file() and r.stdout.count("done |") == 1
 
 
 # ====================================================================================================
