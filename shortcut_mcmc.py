@@ -10,7 +10,7 @@ K-step sampler lands on the data. --lambda-fid 0 is the plain VDM baseline. The 
 (--fidelity l2) made every sampler worse in our runs; the default is a variant (--fidelity energy): the energy
 distance between a batch of chain samples started from N(0, I), as at sampling, and a batch of data.
 
-Run:   python shortcut_mcmc.py --compare               # swirl: baseline vs shortcut, K=10 and all 200 (~10 min)
+Run:   python shortcut_mcmc.py --compare               # swirl: baseline vs shortcut, K=10 and all 200 (~3 min)
        python shortcut_mcmc.py --fidelity l2 --lambda-fid 0.1 --out runs/shortcut_l2   # the paper's loss
        python shortcut_mcmc.py --data glyphs           # images with the shared UNet
        python shortcut_mcmc.py --sample-only --out runs/shortcut_mcmc --K 10 --times even --save-npz
