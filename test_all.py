@@ -593,6 +593,19 @@ def test_ddpm_torchrun_two_cpu_processes(tmp_path, tiny_folder):
     assert r.stdout.count("done |") == 1                                # only rank 0 samples and logs
 
 
+@pytest.mark.parametrize("script, extra", [("vdm.py", ["--sample-steps", "3"]),
+                                           ("ddgan.py", ["--T", "2", "--nz", "4", "--lazy-reg", "1"])])
+def test_vdm_and_ddgan_torchrun_two_cpu_processes(tmp_path, tiny_folder, script, extra):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, script), "--data", tiny_folder, *map(str, TINY_UNET), *extra,
+                        "--steps", "3", "--n-samples", "2", "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x2" in r.stdout and (out / "ckpt.pt").is_file()
+    assert r.stdout.count("done |") == 1                                # only rank 0 samples and logs
+
+
 def test_ddpm_image_folder_cifar(tmp_path, cifar_folder):
     out = tmp_path / "cifar"
     ddpm.main(["--data", cifar_folder, "--classes", "airplane", *map(str, TINY_UNET), "--T", "10", "--steps", "2",
