@@ -13,7 +13,7 @@ distance between a batch of chain samples started from N(0, I), as at sampling, 
 Run:   python shortcut_mcmc.py --compare               # swirl: baseline vs shortcut, K=10 and all 200 (~3 min)
        python shortcut_mcmc.py --fidelity l2 --lambda-fid 0.1 --out runs/shortcut_l2   # the paper's loss
        python shortcut_mcmc.py --data glyphs           # images with the shared UNet
-       python shortcut_mcmc.py --sample-only --out runs/shortcut_mcmc --K 10 --times even --save-npz
+       python shortcut_mcmc.py --sample-only --out runs/shortcut_mcmc/shortcut --K 10 --times even --save-npz
 
 t convention: t is continuous in [0, 1] (gamma(0) least noise, gamma(1) most). The chain lives on the grid
 t = n / T, n in {1..T}: it starts at n = T and visits K distinct n from {1..T-1}, drawn afresh every training
