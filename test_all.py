@@ -582,24 +582,16 @@ def test_ddpm_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_folder, m
     assert (out / "ckpt.pt").read_bytes() == before
 
 
-def test_ddpm_torchrun_two_cpu_processes(tmp_path, tiny_folder):
+@pytest.mark.parametrize("script, extra", [("ddpm.py", ["--T", "10"]), ("vdm.py", ["--sample-steps", "3"]),
+                                           ("ddgan.py", ["--T", "2", "--nz", "4", "--lazy-reg", "1"]),
+                                           ("shortcut_mcmc.py", ["--fid-start", "1"])])
+def test_torchrun_two_cpu_processes(tmp_path, tiny_folder, script, extra):
+    """Every method trains under torchrun (gloo): 2 ranks, rank 0 alone logs, samples and saves."""
+    data_flags = TINY_2D if script == "shortcut_mcmc.py" else ["--data", tiny_folder, *TINY_UNET, "--n-samples", 2]
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "ddpm.py"), "--data", tiny_folder, *map(str, TINY_UNET), "--T", "10",
-                        "--steps", "3", "--n-samples", "2", "--device", "cpu", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "x2" in r.stdout and (out / "ckpt.pt").is_file()
-    assert r.stdout.count("done |") == 1                                # only rank 0 samples and logs
-
-
-@pytest.mark.parametrize("script, extra", [("vdm.py", ["--sample-steps", "3"]),
-                                           ("ddgan.py", ["--T", "2", "--nz", "4", "--lazy-reg", "1"])])
-def test_vdm_and_ddgan_torchrun_two_cpu_processes(tmp_path, tiny_folder, script, extra):
-    out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, script), "--data", tiny_folder, *map(str, TINY_UNET), *extra,
-                        "--steps", "3", "--n-samples", "2", "--device", "cpu", "--out", str(out)],
+                        os.path.join(HERE, script), *map(str, data_flags), *extra, "--steps", "3", "--device", "cpu",
+                        "--out", str(out)],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "x2" in r.stdout and (out / "ckpt.pt").is_file()
@@ -1155,16 +1147,6 @@ def test_shortcut_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(sm, "losses", lambda *a, **k: (nan, nan * 0, nan * 0, nan * 0))
     assert main_exit(sm.main, [*TINY_2D, "--steps", 4, "--out", out, "--resume"]) == 1
     assert (out / "ckpt.pt").read_bytes() == before
-
-
-def test_shortcut_torchrun_two_cpu_processes(tmp_path):
-    out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "shortcut_mcmc.py"), *map(str, TINY_2D), "--steps", "3", "--fid-start", "1",
-                        "--device", "cpu", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "x2" in r.stdout and (out / "ckpt.pt").is_file() and r.stdout.count("done |") == 1
 
 
 # ====================================================================================================
