@@ -441,6 +441,27 @@ def test_discriminator_logits_and_r1():
     assert d.conv_in.weight.grad.abs().sum() > 0
 
 
+def test_discriminator_sees_per_sample_brightness():
+    # DDGAN's D has no normalisation layer: a GroupNorm after conv_in would divide out a constant shift of the
+    # input (all but the zero-padded border), so a too-bright fake would look like a real image to D
+    torch.manual_seed(0)
+    d = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
+    x, t = torch.randn(4, 6, 8, 8), _t(4)
+    assert (d(x + 1.0, t) - d(x, t)).abs().min() > 1e-3
+    assert not any(isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d)) for m in d.modules())
+
+
+def test_mlp_activation_choice():
+    x, t = torch.randn(5, 2), _t(5)
+    torch.manual_seed(0)
+    a = unet.MLP(in_dim=2, out_dim=1, hidden=16, zero_out=False, act="lrelu")
+    torch.manual_seed(0)
+    b = unet.MLP(in_dim=2, out_dim=1, hidden=16, zero_out=False)
+    assert not torch.allclose(a(x, t), b(x, t))  # same weights, different nonlinearity
+    with pytest.raises(ValueError, match="act must be"):
+        unet.MLP(act="tanh")
+
+
 def test_mlp_shapes():
     x, t = torch.randn(5, 2), _t(5)
     den = unet.MLP(hidden=32, num_classes=3)

@@ -211,12 +211,32 @@ class UNet(nn.Module):
         return torch.tanh(out) if self.out_act == "tanh" else out
 
 
-class Discriminator(nn.Module):
-    """DDGAN's time-dependent discriminator D(x_{t-1}, x_t, t) -> logit, built from the UNet's down path.
+class _DBlock(nn.Module):
+    """Discriminator block (DDGAN's, after StyleGAN2's residual D): LReLU-conv3x3, + Linear(temb), LReLU-conv3x3
+    (stride 2 when down), 1x1 skip; (h + skip) / sqrt(2) keeps the scale. No normalisation: GroupNorm would
+    divide out the per-sample statistics (brightness, contrast) that tell a real image from a fake one."""
 
-    conv_in, residual blocks with the time embedding added, stride-2 downsampling, then minibatch standard
-    deviation (one extra feature map), conv3x3 + SiLU, sum-pooling over space and a linear head. Default
-    PyTorch init throughout (no zero-init): a GAN's D must respond to its input from step 0.
+    def __init__(self, in_ch, out_ch, emb_dim, down):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=2 if down else 1, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1, stride=2 if down else 1, bias=False)
+
+    def forward(self, x, emb):
+        h = self.conv1(F.leaky_relu(x, 0.2))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.leaky_relu(h, 0.2))
+        return (h + self.skip(x)) / math.sqrt(2)
+
+
+class Discriminator(nn.Module):
+    """DDGAN's time-dependent discriminator D(x_{t-1}, x_t, t) -> logit (Xiao et al. 2022, App. B).
+
+    conv_in, then per level `num_res_blocks` residual blocks with the time embedding added (the last one of a
+    level halves H and W), LeakyReLU(0.2) and no normalisation; then minibatch standard deviation (one extra
+    feature map), conv3x3 + LeakyReLU, sum-pooling over space and a linear head. Default PyTorch init (no
+    zero-init): a GAN's D must respond to its input from step 0.
     """
 
     def __init__(self, in_ch=6, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, temb_dim=None, image_size=16):
@@ -224,16 +244,15 @@ class Discriminator(nn.Module):
         _check_size(image_size, ch_mult)
         self.ch = ch
         temb_dim = temb_dim or 4 * ch
-        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.LeakyReLU(0.2), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         self.down = nn.ModuleList()
         c = ch
         for i, mult in enumerate(ch_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(_ResBlock(c, ch * mult, temb_dim, zero_init=False))
+            for j in range(num_res_blocks):
+                last = j == num_res_blocks - 1 and i < len(ch_mult) - 1
+                self.down.append(_DBlock(c, ch * mult, temb_dim, down=last))
                 c = ch * mult
-            if i < len(ch_mult) - 1:
-                self.down.append(_Downsample(c))
         self.conv_out = nn.Conv2d(c + 1, c, 3, padding=1)  # +1: the minibatch-std feature map
         self.head = nn.Linear(c, 1)
 
@@ -252,29 +271,33 @@ class Discriminator(nn.Module):
 
     def forward(self, x, t):
         """x = cat([x_{t-1}, x_t], 1) (B, in_ch, H, W), t float (B,) -> logits (B,)."""
-        emb = F.silu(self.temb(timestep_embedding(t, self.ch)))  # (B, temb_dim)
+        emb = F.leaky_relu(self.temb(timestep_embedding(t, self.ch)), 0.2)  # (B, temb_dim)
         h = self.conv_in(x)
         for m in self.down:
-            h = m(h, emb) if isinstance(m, _ResBlock) else m(h)
-        h = self.minibatch_std(F.silu(h))  # (B, C + 1, h, w)
-        h = F.silu(self.conv_out(h))  # (B, C, h, w)
+            h = m(h, emb)
+        h = self.minibatch_std(F.leaky_relu(h, 0.2))  # (B, C + 1, h, w)
+        h = F.leaky_relu(self.conv_out(h), 0.2)  # (B, C, h, w)
         return self.head(h.sum(dim=(2, 3))).squeeze(1)  # sum-pool (B, C) -> (B,)
 
 
 class MLP(nn.Module):
     """An MLP with the UNet's call signature, for 2-D data: denoiser, DDGAN generator (z_dim) or DDGAN D.
 
-    x (concatenated with z when z_dim > 0) -> `layers` hidden layers of width `hidden` with SiLU -> Linear.
+    x (concatenated with z when z_dim > 0) -> `layers` hidden layers of width `hidden` with SiLU (or
+    LeakyReLU(0.2), act="lrelu", the usual GAN discriminator nonlinearity) -> Linear.
     The time (and class) embedding is added to every hidden layer's pre-activation. zero_out zero-initialises
     the output layer so a denoiser starts at 0; a discriminator passes zero_out=False.
     """
 
     def __init__(self, in_dim=2, out_dim=None, hidden=512, layers=3, num_classes=0, z_dim=0, out_act=None,
-                 zero_out=True):
+                 zero_out=True, act="silu"):
         super().__init__()
         if out_act not in (None, "tanh"):
             raise ValueError(f"out_act must be None or 'tanh', not {out_act!r}")
+        if act not in ("silu", "lrelu"):
+            raise ValueError(f"act must be 'silu' or 'lrelu', not {act!r}")
         self.num_classes, self.z_dim, self.out_act = num_classes, z_dim, out_act
+        self.act = F.silu if act == "silu" else lambda h: F.leaky_relu(h, 0.2)
         self.temb = nn.Linear(128, hidden)  # sinusoid(t, 128) -> hidden
         self.label_emb = nn.Embedding(num_classes + 1, hidden) if num_classes else None  # null class at 0
         self.hidden = nn.ModuleList([nn.Linear(in_dim + z_dim, hidden)] +
@@ -295,6 +318,6 @@ class MLP(nn.Module):
             x = torch.cat([x, z], dim=1)  # (B, in_dim + z_dim)
         h = x
         for layer in self.hidden:
-            h = F.silu(layer(h) + emb)
+            h = self.act(layer(h) + emb)
         out = self.out(h)  # (B, out_dim)
         return torch.tanh(out) if self.out_act == "tanh" else out
