@@ -474,6 +474,28 @@ def test_mlp_shapes():
     assert logits.shape == (5, 1) and logits.abs().min() > 0
 
 
+def test_mlp_in_and_out_scale():
+    x, t = torch.randn(5, 2), _t(5)
+    torch.manual_seed(0)
+    a = unet.MLP(hidden=16, zero_out=False, in_scale=4.0, out_scale=0.25)
+    torch.manual_seed(0)
+    b = unet.MLP(hidden=16, zero_out=False)
+    assert torch.allclose(a(x, t), 0.25 * b(4 * x, t), atol=1e-6)
+
+
+def test_unet_generator_init_depends_on_z():
+    # DDGAN's G (zero_init=False, default-initialised style layers): the output varies with z from step 0;
+    # the denoiser default (zero_init=True) still starts at exactly 0
+    torch.manual_seed(0)
+    g = unet.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8, dropout=0.0, z_dim=8, out_act="tanh",
+                  zero_init=False)
+    x, t = torch.randn(4, 3, 8, 8), _t(4)
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    assert (g(x, t, z=z1) - g(x, t, z=z2)).abs().mean() > 1e-3
+    d = unet.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8, z_dim=8)
+    assert d(x, t, z=z1).abs().max() == 0
+
+
 def test_timestep_embedding():
     e = unet.timestep_embedding(torch.tensor([0.0, 1.0, 999.0]), 9)
     assert e.shape == (3, 9)

@@ -46,8 +46,11 @@ class _Norm(nn.Module):
     def __init__(self, channels, w_dim=0):
         super().__init__()
         self.norm = nn.GroupNorm(_groups(channels), channels, affine=w_dim == 0)
-        # zero-init so the adaptive norm starts as a plain (unit-scale, zero-shift) GroupNorm
-        self.style = _zero(nn.Linear(w_dim, 2 * channels)) if w_dim else None
+        # default-initialised weights (zero bias): z changes every sample from step 0, as in the official DDGAN G; a
+        # zero-initialised style layer made the generator start z-blind and collapse to one or two images on glyphs
+        self.style = nn.Linear(w_dim, 2 * channels) if w_dim else None
+        if w_dim:
+            nn.init.zeros_(self.style.bias)
 
     def forward(self, h, w=None):
         h = self.norm(h)
@@ -133,12 +136,14 @@ class UNet(nn.Module):
 
     Optional: num_classes > 0 adds a label embedding (y = -1, or y=None, is the null class); z_dim > 0 maps
     z (B, z_dim) through a PixelNorm + 4-layer MLP to w (B, 256) that modulates every GroupNorm in the
-    residual blocks; out_act="tanh" squashes the output into [-1, 1]. The output conv is zero-initialised,
-    so a fresh network outputs exactly 0. y is ignored when num_classes=0, z when z_dim=0.
+    residual blocks; out_act="tanh" squashes the output into [-1, 1]. The output conv and each residual
+    block's last conv are zero-initialised, so a fresh network outputs exactly 0; zero_init=False keeps PyTorch's
+    default init there (a GAN generator must vary with z from step 0). y is ignored when num_classes=0, z when
+    z_dim=0.
     """
 
     def __init__(self, in_ch=3, out_ch=None, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(),
-                 dropout=0.1, temb_dim=None, image_size=16, num_classes=0, z_dim=0, out_act=None):
+                 dropout=0.1, temb_dim=None, image_size=16, num_classes=0, z_dim=0, out_act=None, zero_init=True):
         super().__init__()
         _check_size(image_size, ch_mult)
         resolutions = [image_size // 2**i for i in range(len(ch_mult))]
@@ -158,7 +163,7 @@ class UNet(nn.Module):
             dims = [z_dim, 256, 256, 256, 256]
             self.mapping = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.SiLU())])
 
-        block = dict(emb_dim=temb_dim, dropout=dropout, w_dim=w_dim)
+        block = dict(emb_dim=temb_dim, dropout=dropout, w_dim=w_dim, zero_init=zero_init)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         # down path: every module here pushes one skip tensor onto the stack
         self.down = nn.ModuleList()
@@ -182,7 +187,9 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(_Upsample(c))
         self.norm_out = nn.GroupNorm(_groups(c), c)
-        self.conv_out = _zero(nn.Conv2d(c, out_ch or in_ch, 3, padding=1))  # output starts at exactly 0
+        self.conv_out = nn.Conv2d(c, out_ch or in_ch, 3, padding=1)
+        if zero_init:  # output starts at exactly 0
+            _zero(self.conv_out)
 
     def forward(self, x, t, y=None, z=None):
         """x (B, in_ch, H, W), t float (B,), y long (B,) or None, z (B, z_dim) -> (B, out_ch, H, W)."""
@@ -284,19 +291,22 @@ class MLP(nn.Module):
     """An MLP with the UNet's call signature, for 2-D data: denoiser, DDGAN generator (z_dim) or DDGAN D.
 
     x (concatenated with z when z_dim > 0) -> `layers` hidden layers of width `hidden` with SiLU (or
-    LeakyReLU(0.2), act="lrelu", the usual GAN discriminator nonlinearity) -> Linear.
+    LeakyReLU(0.2), act="lrelu", the usual GAN discriminator nonlinearity) -> Linear. x is multiplied by in_scale
+    on the way in and the output by out_scale: DDGAN's 2-D nets see points x 4, so that the default-initialised
+    first layer, whose kinks lie within about +-1 of the origin, resolves modes of std 0.05 spread over +-4.
     The time (and class) embedding is added to every hidden layer's pre-activation. zero_out zero-initialises
     the output layer so a denoiser starts at 0; a discriminator passes zero_out=False.
     """
 
     def __init__(self, in_dim=2, out_dim=None, hidden=512, layers=3, num_classes=0, z_dim=0, out_act=None,
-                 zero_out=True, act="silu"):
+                 zero_out=True, act="silu", in_scale=1.0, out_scale=1.0):
         super().__init__()
         if out_act not in (None, "tanh"):
             raise ValueError(f"out_act must be None or 'tanh', not {out_act!r}")
         if act not in ("silu", "lrelu"):
             raise ValueError(f"act must be 'silu' or 'lrelu', not {act!r}")
         self.num_classes, self.z_dim, self.out_act = num_classes, z_dim, out_act
+        self.in_scale, self.out_scale = in_scale, out_scale
         self.act = F.silu if act == "silu" else lambda h: F.leaky_relu(h, 0.2)
         self.temb = nn.Linear(128, hidden)  # sinusoid(t, 128) -> hidden
         self.label_emb = nn.Embedding(num_classes + 1, hidden) if num_classes else None  # null class at 0
@@ -312,6 +322,7 @@ class MLP(nn.Module):
         if self.num_classes:
             y = torch.full_like(t, -1, dtype=torch.long) if y is None else y
             emb = emb + self.label_emb(y + 1)
+        x = x * self.in_scale
         if self.z_dim:
             if z is None:
                 raise ValueError(f"this MLP has z_dim={self.z_dim}: pass z of shape (B, {self.z_dim})")
@@ -319,5 +330,5 @@ class MLP(nn.Module):
         h = x
         for layer in self.hidden:
             h = self.act(layer(h) + emb)
-        out = self.out(h)  # (B, out_dim)
+        out = self.out(h) * self.out_scale  # (B, out_dim)
         return torch.tanh(out) if self.out_act == "tanh" else out
