@@ -10,7 +10,7 @@ from fake pairs; the adversarial loss (Eqs. 5-6) uses softplus on logits, the no
 lazy R1 penalty on the real x_{t-1}. Sampling costs T network calls (NFE = T).
 
 Run:   python ddgan.py                                  # glyphs 16x16, T=4, CPU-sized nets, ~15 min on 2 cores
-       python ddgan.py --data 25gaussians               # 2-D mixture, 3-layer 512-wide MLPs for G and D
+       python ddgan.py --data 25gaussians               # 2-D mixture, 3-layer 256-wide MLPs for G and D, ~9 min
        python ddgan.py --no-z                           # the paper's ablation: a unimodal (z-free) denoiser
        python ddgan.py --sample-only --out runs/ddgan --save-npz
 
@@ -442,7 +442,7 @@ DEFAULT_OUT = "runs/ddgan"
 DEFAULTS = {
     "image": dict(steps=3000, batch_size=64, lr_g=1.6e-4, lr_d=1.25e-4, r1_gamma=0.02, lazy_reg=15, ema=0.9999,
                   n_samples=100, sample_every=500),
-    "2d": dict(steps=24000, batch_size=512, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.01, lazy_reg=1, ema=0.999,
+    "2d": dict(steps=19000, batch_size=512, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.04, lazy_reg=4, ema=0.999,
                n_samples=2500, sample_every=3000),
 }
 
@@ -462,9 +462,9 @@ def get_parser():
     # GAN
     p.add_argument("--nz", type=int, default=100, help="latent z dimension of the generator")
     p.add_argument("--no-z", action="store_true", help="ablation: no latent, a unimodal denoiser")
-    p.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma (default 0.02 images as the paper's CIFAR-10, 0.01 2-D)")
+    p.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma (default 0.02 images as the paper's CIFAR-10, 0.04 2-D)")
     p.add_argument("--lazy-reg", type=int, default=None, help="apply R1 every this many steps (0: never; default "
-                   "15 images as the paper's CIFAR-10, 1 2-D)")
+                   "15 images as the paper's CIFAR-10, 4 2-D)")
     # model
     p.add_argument("--ch", type=int, default=32, help="UNet base channels of G")
     p.add_argument("--ch-mult", type=int, nargs="+", default=[1, 2, 2], help="channel multiplier per level (G and D)")
@@ -476,7 +476,7 @@ def get_parser():
     p.add_argument("--hidden", type=int, default=256, help="2-D MLP width (G and D; the paper's toy: 512)")
     p.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers (G and D)")
     # training
-    p.add_argument("--steps", type=int, default=None, help="training iterations, each one D and one G step (default: 3000 images, 24000 2-D)")
+    p.add_argument("--steps", type=int, default=None, help="training iterations, each one D and one G step (default: 3000 images, 19000 2-D)")
     p.add_argument("--batch-size", type=int, default=None, help="batch per process (default: 64 images, 512 2-D)")
     p.add_argument("--lr", type=float, default=None, help="set both --lr-g and --lr-d")
     p.add_argument("--lr-g", type=float, default=None, help="G's peak learning rate (the paper's 1.6e-4)")
