@@ -9,7 +9,7 @@ A time-dependent discriminator D(x_{t-1}, x_t, t) tells real pairs from the forw
 from fake pairs; the adversarial loss (Eqs. 5-6) uses softplus on logits, the non-saturating G loss and a
 lazy R1 penalty on the real x_{t-1}. Sampling costs T network calls (NFE = T).
 
-Run:   python ddgan.py                                  # glyphs 16x16, T=4, CPU-sized nets, ~15 min on 2 cores
+Run:   python ddgan.py                                  # glyphs 16x16, T=4, CPU-sized nets, ~10 min on 2 cores
        python ddgan.py --data 25gaussians               # 2-D mixture, 3-layer 256-wide MLPs for G and D, ~9 min
        python ddgan.py --no-z                           # the paper's ablation: a unimodal (z-free) denoiser
        python ddgan.py --sample-only --out runs/ddgan --save-npz
