@@ -208,6 +208,8 @@ def generate(a, model, n, device, dtype="float32", seed=0, batch=500):
     g = torch.Generator(device).manual_seed(seed)
     shape = (2,) if data.is_2d(a["data"]) else (a["channels"], a["image_size"], a["image_size"])
     S = a.get("sample_steps") or T
+    b0 = min(batch, n)   # one untimed network call: one-time set-up is not sampling time (the same in every method)
+    net(torch.zeros((b0,) + shape, device=device), torch.ones(b0, dtype=torch.long, device=device))
     t0, out = time.time(), []
     for i in range(0, n, batch):
         b = (min(batch, n - i),) + shape
