@@ -1001,6 +1001,20 @@ def test_ddgan_resume_restores_both_networks_and_optimizers(tmp_path):
     assert len(open(os.path.join(out, "log.txt")).read().splitlines()) > 4
 
 
+def test_ddgan_generate_warms_up_once_untimed_and_stays_seeded():
+    a = dict(data="25gaussians", T=3, beta_min=0.1, beta_max=20.0, nz=4, no_z=False)
+    torch.manual_seed(0)
+    G = unet.MLP(in_dim=2, hidden=16, layers=1, z_dim=4, zero_out=False)
+    calls = []
+    G.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    x1, nfe, _ = ddgan.generate(a, G, 7, "cpu", seed=3, batch=5)
+    assert nfe == 3 and x1.shape == (7, 2)
+    assert calls == [5] + [5] * 3 + [2] * 3            # one warm-up call at the first batch's size, then T per batch
+    torch.manual_seed(123)                                # the warm-up must not draw from the seeded noise
+    x2, _, _ = ddgan.generate(a, G, 7, "cpu", seed=3, batch=5)
+    assert torch.equal(x1, x2)
+
+
 def test_ddgan_sample_only_npz_and_cli_errors(tmp_path):
     out = str(tmp_path / "so")
     ddgan.main(_small_image_flags(out, steps=2))
