@@ -96,13 +96,12 @@ def alpha_sigma(gamma):
 # ----------------------------------------------------------------------------------------------------
 # Networks: the score model eps_hat(z_t; gamma_t) and the --latent encoder/decoder
 class _Res(nn.Module):
-    """GroupNorm-SiLU-conv3x3 twice with a skip: the block of the --latent encoder and decoder."""
+    """GroupNorm-SiLU-conv3x3 twice with a skip: the block of the --latent encoder and decoder (gcd(8, ch) groups)."""
 
     def __init__(self, ch):
         super().__init__()
-        g = math.gcd(8, ch)                                          # GroupNorm groups that divide ch
-        self.body = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-                                  nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+        self.body = nn.Sequential(nn.GroupNorm(math.gcd(8, ch), ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                  nn.GroupNorm(math.gcd(8, ch), ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
 
     def forward(self, x):
         return x + self.body(x)
@@ -206,10 +205,9 @@ def elbo_terms(model, k, y=None, T=0, antithetic=True, var_min=False, dtype="flo
     diff = 0.5 * (diffusion_weight(gamma_t, model.gamma(t - 1 / T), T) if T else slope) * mse
     bpd = 1 / (D * math.log(2))
     if var_min and torch.is_grad_enabled():
-        # Sec. 5.3: in continuous time E[L_diff] depends only on the endpoints, so the interior eta can
-        # minimise the variance instead, i.e. E[L_diff^2], whose gradient is E[2 L_diff dL_diff/d eta]. All of
-        # eta's gradient passes through s(t_i) and s'(t_i); a custom backward there scales it by 2 L_diff_i
-        # (no second pass). The endpoints b, w and the network keep the ELBO gradient.
+        # Sec. 5.3: in continuous time E[L_diff] depends only on the endpoints, so the interior eta can minimise the
+        # variance E[L_diff^2] instead, whose gradient E[2 L_diff dL_diff/d eta] flows only through s(t_i), s'(t_i):
+        # a custom backward there scales it by 2 L_diff_i. The endpoints b, w and the network keep the ELBO gradient.
         scale = 2 * (diff * bpd).detach()
         for v in interior:
             v.register_hook(lambda g: g * scale)
@@ -257,12 +255,6 @@ def to_int(a, x):
     return ((x + 1) * 127.5).round().long().clamp(0, 255)
 
 
-def from_int(a, model, k):
-    """8-bit k -> what save_grid / score_2d take: images k / 127.5 - 1, swirl points (k - mean) / std."""
-    k = k.cpu()
-    return model.centres.cpu()[torch.arange(2), k] if data.is_2d(a["data"]) else data.to_float(k.to(torch.uint8))
-
-
 def build_model(a):
     """The VDM module: UNet (images) or MLP (swirl) on Fourier-featured input, schedule and bin centres."""
     C, n = a["channels"], len(a["fourier"])
@@ -272,10 +264,9 @@ def build_model(a):
         net = MLP(in_dim=2 * (1 + 2 * n), out_dim=2, hidden=a["hidden"], layers=a["layers"])
     else:
         centres = ((2 * torch.arange(256.0) + 1) / 256 - 1).repeat(C, 1)       # (C, 256): 2 (k + 0.5) / 256 - 1
-        net = UNet(in_ch=C * (1 + 2 * n), out_ch=C, ch=a["ch"], ch_mult=tuple(a["ch_mult"]),
-                   num_res_blocks=a["num_res_blocks"], attn_res=tuple(a["attn_res"]), dropout=a["dropout"],
-                   temb_dim=a["temb_dim"], image_size=a["image_size"],
-                   num_classes=len(a["class_names"]) if a["cond"] else 0)
+        net = UNet(in_ch=C * (1 + 2 * n), out_ch=C, ch=a["ch"], ch_mult=tuple(a["ch_mult"]), dropout=a["dropout"],
+                   num_res_blocks=a["num_res_blocks"], attn_res=tuple(a["attn_res"]), temb_dim=a["temb_dim"],
+                   image_size=a["image_size"], num_classes=len(a["class_names"]) if a["cond"] else 0)
     return VDM(net, Schedule(a["schedule"]), centres, a["fourier"], latent_ch=a["ch"] if a["latent"] else 0)
 
 
@@ -321,8 +312,10 @@ def generate(a, model, n, device, dtype="float32", seed=0, batch=500):
     t0, out = time.time(), []
     for i in range(0, n, batch):
         y = labels[i:i + batch].to(device) if a["cond"] else None
-        out.append(from_int(a, model, sample(model, (min(batch, n - i),) + shape, S, y, w, g, device, dtype)))
-    return torch.cat(out), labels, S * (2 if w else 1), 100 * (time.time() - t0) / n
+        out.append(sample(model, (min(batch, n - i),) + shape, S, y, w, g, device, dtype).cpu())
+    k = torch.cat(out)              # 8-bit values -> images k / 127.5 - 1 or swirl points (k - mean) / std
+    x = model.centres.cpu()[torch.arange(2), k] if data.is_2d(a["data"]) else data.to_float(k.to(torch.uint8))
+    return x, labels, S * (2 if w else 1), 100 * (time.time() - t0) / n
 
 
 @torch.no_grad()
@@ -345,18 +338,6 @@ def save_samples(a, x, path, real, labels=None):
         return data.save_scatter(x, path, a["data"], real=real)
     nrow = int((labels == labels[0]).sum()) if labels is not None else math.ceil(math.sqrt(len(x)))
     data.save_grid(x, path, nrow=nrow, real=real[:nrow] if real is not None else None)
-
-
-def score(a, x, labels=None):
-    """Final scores: energy distance on 2-D data; legibility and class coverage under a classifier trained on
-    the real images, and for a conditional grid label_acc, the % of samples classified as the class asked for."""
-    if data.is_2d(a["data"]):
-        return data.score_2d(x, a["data"], seed=a["seed"])
-    scores = data.score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
-    if scores and labels is not None:                            # the same cached classifier score_images used
-        clf = data.classifier(a["data"], a["image_size"], a["data_dir"], tuple(map(str, a["classes"] or [])) or None)[0]
-        scores["label_acc"] = 100 * (clf(x.clamp(-1, 1)).argmax(1) == labels).double().mean().item()
-    return scores
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,9 +415,9 @@ def train(args, fail):
                                         opt=opt.state_dict(), step=step, args=a))
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"vdm | data {a['data']} {tuple(x.shape)} | {n_params / 1e6:.2f}M params | device {device} x{world} | T {a['T']} "
-        f"{a['schedule']}{''.join(' ' + f for f in ('var_min', 'latent', 'cond') if a[f])} | batch {args.batch_size} "
-        f"x{world} | steps {step}..{args.steps}")
+    log(f"vdm | data {a['data']} {tuple(x.shape)} | {n_params / 1e6:.2f}M params | device {device} x{world} "
+        f"| T {a['T']} {a['schedule']}{''.join(' ' + f for f in ('var_min', 'latent', 'cond') if a[f])} "
+        f"| batch {args.batch_size} x{world} | steps {step}..{args.steps}")
     t_log, t_start, step_start = time.time(), time.time(), step
     sums, n_sum, avg = torch.zeros(3, dtype=torch.float64), 0, [float("nan")] * 3
     while step < args.steps:
@@ -491,8 +472,16 @@ def train(args, fail):
 
 
 def finish(a, xs, nfe, sec100, path, log, extra, labels=None):
-    """Score the samples, print the final line and write metrics.json (the same keys in every method)."""
-    scores = score(a, xs, labels)
+    """Score the samples, print the final line and write metrics.json (the same keys in every method). Scores:
+    energy distance on 2-D data; legibility and class coverage under a classifier trained on the real images, and
+    for a conditional grid label_acc, the % of samples classified as the class asked for."""
+    if data.is_2d(a["data"]):
+        scores = data.score_2d(xs, a["data"], seed=a["seed"])
+    else:
+        scores = data.score_images(xs, a["data"], a["image_size"], a["data_dir"], a["classes"])
+    if scores and labels is not None:                            # the same cached classifier score_images used
+        clf = data.classifier(a["data"], a["image_size"], a["data_dir"], tuple(map(str, a["classes"] or [])) or None)[0]
+        scores["label_acc"] = 100 * (clf(xs.clamp(-1, 1)).argmax(1) == labels).double().mean().item()
     sampler = f"ancestral{a.get('sample_steps') or a['T'] or 1000}" + (f"_w{a['guidance']}" if a["cond"] else "")
     m = dict(method="vdm", data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4),
              n_samples=len(xs), **extra, **scores)
@@ -533,7 +522,7 @@ def sample_only(args, fail):
     real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else None
     save_samples(a, xs, os.path.join(out, f"samples_{tag}.png"), real, labels)
     if args.save_npz:                            # uint8 NHWC as improved-diffusion writes (+ labels as arr_1)
-        arr = xs if data.is_2d(a["data"]) else ((xs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        arr = xs if data.is_2d(a["data"]) else ((xs + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
         tmp = os.path.join(out, f"samples_{tag}.tmp.npz")
         np.savez(tmp, arr_0=arr.numpy(), **(dict(arr_1=labels.numpy()) if labels is not None else {}))
         os.replace(tmp, os.path.join(out, f"samples_{tag}.npz"))
@@ -554,7 +543,7 @@ DEFAULTS = {
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="VDM (Kingma et al. 2021): bits/dim, learned schedules.", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="VDM (Kingma et al. 2021): bits/dim, learned gamma.", allow_abbrev=False)
     # data
     p.add_argument("--data", default="glyphs", help="glyphs | cifar10 | mnist | swirl | path to an image folder")
     p.add_argument("--data-dir", default="./data", help="where cifar10/mnist are stored or downloaded")
@@ -566,8 +555,8 @@ def get_parser():
     p.add_argument("--schedule", choices=["fixed", "scalar", "net"], default="scalar", help="gamma(t) (Sec. 3.2)")
     p.add_argument("--var-min", action=argparse.BooleanOptionalAction, default=False,
                    help="train the net schedule's interior to minimise the loss variance (Sec. 5.3)")
-    p.add_argument("--latent", action=argparse.BooleanOptionalAction, default=False, help="diffuse a learned encoder's latent")
-    p.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (+ a null class)")
+    p.add_argument("--latent", action=argparse.BooleanOptionalAction, default=False, help="diffuse an encoder's latent")
+    p.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (+ null)")
     p.add_argument("--p-uncond", type=float, default=0.2, help="with --cond: label dropout to the null class")
     p.add_argument("--guidance", type=float, default=1.0, help="with --cond: w in (1 + w) eps(c) - w eps(null)")
     p.add_argument("--labels", nargs="+", default=None, help="with --cond: the grid's classes, a row each")
@@ -586,13 +575,13 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=None, help="batch per process (default: 64 images, 512 2-D)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3; the paper's 2e-4)")
     p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (the paper's 100)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="after warm-up (the paper's constant)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="constant is the paper's")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the sampling weights")
     # output and runtime
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for ckpt.pt, samples, log.txt, metrics.json")
     p.add_argument("--n-samples", type=int, default=None, help="samples per grid / final evaluation")
-    p.add_argument("--sample-every", type=int, default=None, help="save a sample grid every this many steps (0: end only)")
+    p.add_argument("--sample-every", type=int, default=None, help="a sample grid every this many steps (0: end only)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
     p.add_argument("--log-every", type=float, default=5.0, help="seconds between log lines")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
