@@ -16,12 +16,18 @@ cached data set stays small. Built-in sets:
 Image scores (no downloads): a small classifier trained once on the real images (cached); score_images gives
 legibility and class coverage under it, features + frechet a Frechet distance in its penultimate features.
 """
+import argparse
+import contextlib
 import functools
 import hashlib
 import io
+import json
 import math
 import os
+import random
+import sys
 import tarfile
+import time
 
 import numpy as np
 import torch
@@ -316,17 +322,19 @@ def to_float(x):
     return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
 
 
-def batches(x, y, batch_size, flip=False, seed=0, device="cpu"):
+def batches(x, y, batch_size, flip=False, seed=0, device="cpu", start=0):
     """Endless iterator of shuffled (x_batch float32, y_batch int64) on `device`, reshuffled each epoch.
 
     Under torch.distributed each rank reads its own shard (DistributedSampler); batch_size is per
-    process. flip=True mirrors a random half of each image batch left-right."""
+    process. flip=True mirrors a random half of each image batch left-right. start=n skips the first n
+    batches exactly (the same orders and flips, without touching the images): --resume continues the data."""
     x, y = x.to(device), y.to(device)  # uint8 images are small: keep them on the device once
     ddp = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if ddp else 0
     sampler = torch.utils.data.DistributedSampler(range(len(x)), shuffle=True, seed=seed) if ddp else None
     gen = torch.Generator().manual_seed(seed + rank)  # order (single process) and flips (per rank)
-    epoch = 0
+    flip = flip and x.dim() == 4
+    epoch, drawn = 0, 0
     while True:
         if ddp:
             sampler.set_epoch(epoch)  # same permutation on every rank, a different one each epoch
@@ -336,11 +344,14 @@ def batches(x, y, batch_size, flip=False, seed=0, device="cpu"):
         if len(idx) < batch_size:  # tiny data set: repeat it so a full batch exists
             idx = idx.repeat(math.ceil(batch_size / len(idx)))
         for s in range(0, len(idx) - batch_size + 1, batch_size):  # drop_last
+            mirror = torch.rand(batch_size, generator=gen) < 0.5 if flip else None
+            drawn += 1
+            if drawn <= start:  # fast-forward: the random draws above, nothing else
+                continue
             i = idx[s:s + batch_size].to(device)
             xb = to_float(x[i])
-            if flip and xb.dim() == 4:
-                mirror = (torch.rand(batch_size, generator=gen) < 0.5).to(device)
-                xb = torch.where(mirror[:, None, None, None], xb.flip(3), xb)
+            if flip:
+                xb = torch.where(mirror.to(device)[:, None, None, None], xb.flip(3), xb)
             yield xb, y[i]
         epoch += 1
 
@@ -616,3 +627,451 @@ def frechet(feat_a, feat_b):
     m = root_a @ cov_b @ root_a
     tr_root = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_root)
+
+
+# ==== run plumbing: the part of every method file that is not the method ==============================
+# Shared flags, one-line errors, device and DDP, seeding and RNG state, checkpoints, the guard against a
+# diverged update, the lr schedule, the EMA, the log line, and writing samples and metrics.
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr ("prog: error: ...") and exit code 2, not the usage block."""
+
+    def error(self, message):
+        die(f"{self.prog}: error: {message}")
+
+
+def die(message, code=2):
+    """Print one line on stderr and exit (2: bad input, 1: a training run that diverged)."""
+    sys.stderr.write(message.rstrip() + "\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def _default_help(defaults, key):
+    """' (default: 5000 images, 20000 2-D; the paper's ...)' from a script's DEFAULTS (one value when both agree)."""
+    image, two_d = defaults["image"].get(key), defaults["2d"].get(key)
+    text = f"default {image:g}" if image == two_d and isinstance(image, float) else f"default {image}"
+    if image != two_d:
+        text = f"default: {image} images, {two_d} 2-D"
+    return f" ({text}{defaults.get(key + '_note', '')})"
+
+
+def add_shared_args(p, out, defaults, data_help, hidden=512, g=""):
+    """The flags every method shares, in argparse groups. Training flags listed in a script's DEFAULTS
+    ({"image": {...}, "2d": {...}}) default to None here and are filled in by apply_defaults; their help says
+    both values. `g` names the network the model flags shape (" of G" in ddgan). Returns the groups."""
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=defaults["data"], help=data_help)
+    d.add_argument("--data-dir", default="./data", help="where cifar10/mnist are stored or downloaded")
+    d.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices)")
+    d.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
+    d.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips")
+    m = p.add_argument_group("model")
+    m.add_argument("--ch", type=int, default=32, help=f"UNet base channels{g}")
+    m.add_argument("--ch-mult", type=int, nargs="+", default=[1, 2, 2], help="UNet channel multiplier per level")
+    m.add_argument("--num-res-blocks", type=int, default=1, help=f"residual blocks per UNet level{g}")
+    m.add_argument("--attn-res", type=int, nargs="*", default=[], help="resolutions with self-attention, e.g. 16")
+    m.add_argument("--dropout", type=float, default=0.0, help=f"dropout in the residual blocks{g} (the paper's "
+                   "0.1 on CIFAR-10; a short run only underfits)")
+    m.add_argument("--temb-dim", type=int, default=None, help="time-embedding width (default 4 * ch)")
+    m.add_argument("--hidden", type=int, default=hidden, help="2-D MLP width")
+    m.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers")
+    t = p.add_argument_group("training")
+    helps = dict(steps="training steps", batch_size="batch per process", lr="peak learning rate",
+                 warmup="linear lr warm-up steps", grad_clip="gradient-norm clipping (0: off)",
+                 ema="EMA decay of the sampling weights")
+    for key, text in helps.items():
+        if key in defaults["image"]:
+            kind = int if key in ("steps", "batch_size", "warmup") else float
+            t.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
+                           help=text + _default_help(defaults, key))
+    if "lr_schedule" in defaults["image"]:
+        t.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                       help="lr after the warm-up" + _default_help(defaults, "lr_schedule"))
+    r = p.add_argument_group("output and runtime")
+    r.add_argument("--out", default=out, help="folder for ckpt.pt, samples, log.txt, metrics.json")
+    r.add_argument("--n-samples", type=int, default=None, help="samples per grid / final evaluation"
+                   + _default_help(defaults, "n_samples"))
+    r.add_argument("--sample-every", type=int, default=None, help="save a sample grid every this many steps "
+                   "(0: at the end only)" + _default_help(defaults, "sample_every"))
+    r.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
+    r.add_argument("--log-every", type=float, default=5.0, help="seconds between log lines")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt, exactly (RNG and data order)")
+    r.add_argument("--sample-only", action="store_true", help="only sample from a checkpoint (OUT/ckpt.pt or --ckpt)")
+    r.add_argument("--ckpt", default=None, help="checkpoint for --sample-only (default OUT/ckpt.pt)")
+    r.add_argument("--save-npz", action="store_true", help="also save the final samples as a uint8 .npz (FID tools)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (rank is added under DDP)")
+    r.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run")
+    r.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype of the networks")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
+    return d, m, t, r
+
+
+def apply_defaults(args, defaults):
+    """Fill the flags left at None from DEFAULTS["2d"] or DEFAULTS["image"], by the data set."""
+    for k, v in defaults["2d" if is_2d(args.data) else "image"].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+def check_args(args):
+    """Reject shared flags that cannot run, with one clear line (ValueError), before anything is written."""
+    def bad(name, text):
+        raise ValueError(f"--{name.replace('_', '-')} {text}")
+    if args.sample_only:
+        if args.n_samples is not None and args.n_samples < 1:
+            bad("n_samples", "must be at least 1")
+    else:
+        for k in ("steps", "batch_size", "n_samples", "ckpt_every", "image_size"):
+            if getattr(args, k) is not None and getattr(args, k) < 1:
+                bad(k, "must be at least 1")
+        for k in ("lr", "lr_g", "lr_d"):
+            v = getattr(args, k, None)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                bad(k, f"must be a positive number, got {v}")
+        for k in ("grad_clip", "warmup", "sample_every"):
+            v = getattr(args, k, None)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                bad(k, f"must be >= 0, got {v}")
+        if getattr(args, "ema", None) is not None and not 0 <= args.ema < 1:
+            bad("ema", f"must be in [0, 1), got {args.ema}")
+    if not (math.isfinite(args.log_every) and args.log_every > 0):
+        bad("log_every", "must be a positive number of seconds")
+    check_writable(args.out)
+    pick_device(args.device)
+
+
+def check_writable(folder):
+    """ValueError unless `folder` is (or can be made) a writable directory; creates nothing."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--out {folder} is a file, not a folder")
+    parent = folder
+    while not os.path.exists(parent):                            # the nearest folder that exists
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {folder} cannot be written ({parent} is not a writable folder)")
+
+
+# ---- device, DDP, seeding, RNG state ----------------------------------------------------------------
+def pick_device(name):
+    """--device: auto is CUDA when present, else Apple mps, else the CPU; an absent device is a ValueError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: no Apple mps device is available here (try --device auto)")
+    return name
+
+
+def setup_ddp(device_name):
+    """nanoGPT's way: RANK in the environment (torchrun) switches DDP on, nccl on CUDA, gloo on the CPU.
+    Returns (rank, world, device); rank 0 logs, samples and saves."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wrap_ddp(model, device):
+    """The module DDP trains (itself when not distributed); gradients are all-reduced in backward."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+
+
+def teardown_ddp():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_all(seed):
+    """Seed torch (CPU and CUDA), numpy and python's random; flush denormals (CPU steps ~10x faster)."""
+    torch.set_flush_denormal(True)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state():
+    """Every RNG a training step may draw from, as tensors and ints (a weights_only checkpoint can hold them)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), numpy=[torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                 python=list(random.getstate()[1]))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Undo rng_state(): the run continues with exactly the random numbers it would have drawn."""
+    torch.set_rng_state(state["torch"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def save_checkpoint(path, method, step, args, **states):
+    """One complete ckpt.pt: every module's and optimizer's state_dict (from the unwrapped module), the step, the
+    run's settings and every RNG. Written to a temporary file, flushed to disk, then renamed over the old one,
+    so a crash or kill -9 at any moment leaves either the old or the new checkpoint, never a torn one."""
+    ckpt = dict(method=method, step=step, args=args, rng=rng_state(), **{k: v.state_dict() for k, v in states.items()})
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, method, keys=(), arch=()):
+    """Read a checkpoint of `method` holding `keys` (state dicts) and `arch` (in its args), or raise a ValueError
+    of one line: missing, unreadable (truncated, random bytes), another method's, or incomplete."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                       # torch raises many types for a damaged file
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): damaged or not a checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a {method} checkpoint (method: {found})")
+    missing = [k for k in ("step", "args", *keys) if k not in ckpt]
+    missing += [f"args.{k}" for k in arch if k not in ckpt.get("args", {})]
+    if missing:
+        raise ValueError(f"{path} is an incomplete {method} checkpoint: it lacks {', '.join(missing)}")
+    return ckpt
+
+
+def load_states(ckpt, path, **targets):
+    """Load ckpt[name] into each module or optimizer; a mismatch (missing key, wrong shape) is one ValueError."""
+    for name, target in targets.items():
+        try:
+            target.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()
+            first = next((s.strip() for s in first[1:] if s.strip()), first[0] if first else "") if first else ""
+            raise ValueError(f"{path} does not fit this model ({name}): {first[:200]}") from None
+
+
+def resume_or_refuse(args, method, keys, arch):
+    """--resume: the run's checkpoint, whose architecture flags (arch) replace the command line's. Otherwise
+    refuse to train over an existing ckpt.pt. Raises ValueError; writes nothing."""
+    path = os.path.join(args.out, "ckpt.pt")
+    if not args.resume:
+        if os.path.exists(path):
+            raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another --out")
+        return None
+    ckpt = load_checkpoint(path, method, keys, arch)
+    vars(args).update({k: ckpt["args"][k] for k in arch})
+    return ckpt
+
+
+def restore(ckpt, world):
+    """After load_states: the step to continue from, and every RNG as it was at the save (one process). Under DDP
+    only rank 0's state was saved, so each rank is re-seeded from (seed, rank, step) instead."""
+    if ckpt is None:
+        return 0
+    if world == 1:
+        set_rng_state(ckpt["rng"])
+    else:
+        torch.manual_seed(ckpt["args"]["seed"] + dist.get_rank() + 1_000_003 * ckpt["step"])
+    return ckpt["step"]
+
+
+# ---- the guard against a diverged update -----------------------------------------------------------------------
+EXPLODED = 1e6  # a weight this large is a blow-up, not learning (healthy weights here stay below ~100)
+
+
+@torch.no_grad()
+def diverged(losses, grad_norms, modules):
+    """Why this step must not be kept (a non-finite loss or gradient norm, or a non-finite or exploded weight after
+    the update), or None. Checked after every optimizer step, before any checkpoint can be written, so a
+    blown-up update never reaches ckpt.pt. Identical on every DDP rank (gradients are all-reduced)."""
+    for v in losses:
+        if not torch.isfinite(v).all():
+            return f"loss {v.detach().float().mean().item():.4g}"
+    for v in grad_norms:
+        if not torch.isfinite(v):
+            return f"gradient norm {v.item():.4g}"
+    for m in modules:
+        params = [p.detach() for p in m.parameters()]
+        if params:
+            top = torch.stack([p.abs().max() for p in params if p.numel()]).max()
+            if not top <= EXPLODED:                              # also catches NaN
+                return f"a weight of magnitude {top.item():.3g} after the update"
+    return None
+
+
+def stop_diverged(log, step, reason, ckpt_path):
+    """The end of a run that diverged: one line on stderr (and in log.txt), exit code 1, ckpt.pt untouched."""
+    kept = (f"the last good checkpoint is kept at {ckpt_path}" if os.path.isfile(ckpt_path)
+            else "no checkpoint was written")
+    msg = f"training diverged at step {step + 1} ({reason}): stopping before it is saved; {kept}"
+    log.file(msg)
+    die(msg, code=1)
+
+
+# ---- lr schedule and EMA -------------------------------------------------------------------------------------
+def lr_at(step, steps, peak, warmup=0, schedule="constant", lr_min=0.0):
+    """Linear warm-up over `warmup` steps, then constant or a cosine decay from peak to lr_min at `steps`."""
+    lo = min(lr_min, peak)
+    cos = 0.5 * (1 + math.cos(math.pi * step / steps)) if schedule == "cosine" else 1.0
+    return min(1.0, (step + 1) / max(1, warmup)) * (lo + (peak - lo) * cos)
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay, step):
+    """EMA of the sampling weights with a warm-up: decay min(decay, (1 + n) / (10 + n)), so that a short run
+    already samples well from it; buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - d)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+# ---- the log ----------------------------------------------------------------------------------------------
+class Log:
+    """Rank 0's log: each line to stdout and OUT/log.txt. progress() adds steps/s and the ETA measured over training
+    time only: time spent inside `with log.paused():` (sampling, scoring) is left out."""
+
+    def __init__(self, out, master, step, steps, every):
+        self.path, self.master, self.steps, self.every = os.path.join(out, "log.txt"), master, steps, every
+        self.step0, self.t0, self.t_last = step, time.time(), time.time()
+
+    def file(self, msg):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+    def __call__(self, msg):
+        if self.master:
+            print(msg, flush=True)
+            self.file(msg)
+
+    def due(self, step):
+        return time.time() - self.t_last > self.every or step == self.steps
+
+    def progress(self, step, text):
+        rate = (step - self.step0) / max(time.time() - self.t0, 1e-9)
+        eta = (self.steps - step) / max(rate, 1e-9)
+        self(f"step {step:>7d}/{self.steps} | {text} | {rate:.2f} steps/s | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        self.t_last = time.time()
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.t0 += time.time() - t
+
+
+def progress(done, total, t0, what="samples", every=5.0, _last={}):
+    """A sampler's progress line every `every` seconds (done of total, per second, ETA); nothing for short runs."""
+    now = time.time()
+    if done < total and now - _last.get(what, t0) > every:
+        rate = done / max(now - t0, 1e-9)
+        print(f"  sampling: {done}/{total} {what} | {rate:.3g}/s | eta {int((total - done) / max(rate, 1e-9))}s",
+              flush=True)
+        _last[what] = now
+
+
+# ---- samples, scores and metrics -----------------------------------------------------------------------------
+def real_row(x, y, n=10):
+    """n training images for the real row under a grid, cycling through the classes: one of each first."""
+    per_class = [torch.nonzero(y == c).flatten() for c in torch.unique(y)]          # indices of each class
+    picks = [per_class[i % len(per_class)][i // len(per_class)] for i in range(n)
+             if i // len(per_class) < len(per_class[i % len(per_class)])]
+    return x[torch.stack(picks)] if picks else x[:n]
+
+
+def reference(a, x, y):
+    """What a picture draws beside the samples: held-out points under a scatter, or a real row of images."""
+    return load(a["data"], "test", seed=a["seed"])[0] if is_2d(a["data"]) else real_row(x, y)
+
+
+def save_samples(a, x, path, real=None, nrow=None):
+    """A PNG grid of images (real row at the bottom) or a scatter of 2-D points over the real data."""
+    if is_2d(a["data"]):
+        real = load(a["data"], "test", seed=a["seed"])[0] if real is None else real
+        return save_scatter(x, path, a["data"], real=real)
+    nrow = nrow or math.ceil(math.sqrt(len(x)))
+    save_grid(x, path, nrow=nrow, real=real[:nrow] if real is not None else None)
+
+
+def save_npz(x, path, labels=None):
+    """Samples as a .npz in the layout FID tools read: uint8 NHWC images (2-D points as float32) in arr_0,
+    class labels (if any) in arr_1. Written atomically."""
+    arr = x if x.dtype != torch.float32 or x.dim() == 2 else _to_uint8(x).permute(0, 2, 3, 1)
+    tmp = path[:-4] + f".{os.getpid()}.tmp.npz"
+    np.savez(tmp, arr_0=arr.numpy(), **(dict(arr_1=labels.numpy()) if labels is not None else {}))
+    os.replace(tmp, path)
+
+
+def score(a, x, labels=None):
+    """The final scores: energy distance (+ modes) on 2-D data; legibility and class coverage under the cached
+    classifier for labelled images, and with `labels` label_acc, the % classified as the class asked for.
+    Scores that need the real data are skipped, with one note on stderr, when it is not available."""
+    if is_2d(a["data"]):
+        return score_2d(x, a["data"], seed=a["seed"])
+    try:
+        scores = score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
+        if scores and labels is not None:
+            net = classifier(a["data"], a["image_size"], a["data_dir"],
+                             tuple(map(str, a["classes"])) if a["classes"] else None)[0]
+            scores["label_acc"] = 100 * (net(x.float().clamp(-1, 1)).argmax(1) == labels).double().mean().item()
+        return scores
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"note: scores skipped, the real data is not available ({str(e).splitlines()[0][:160]})\n")
+        return {}
+
+
+def finish(a, method, sampler, nfe, sec100, n, scores, path, log, extra):
+    """Write metrics.json (the same keys in every method) and print the final line."""
+    m = dict(method=method, data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4), n_samples=n,
+             **extra, **scores)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(m, f, indent=1)
+    os.replace(tmp, path)
+    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+    log(f"done | {sampler} | NFE {nfe} per sample | {sec100:.2f} s per 100 samples" + (f" | {shown}" if shown else ""))
+    return m
+
+
+def sample_out(args, path, default_out):
+    """Where --sample-only writes: --out, or the checkpoint's folder when only --ckpt was given."""
+    return os.path.dirname(path) or "." if args.ckpt and args.out == default_out else args.out
+
+
+def write_outputs(a, method, x, info, out, log, extra, real=None, tag="", save_npz_too=False, labels=None, nrow=None):
+    """The end of a run or of --sample-only: samples{_tag}.png, optionally samples{_tag}.npz, and
+    metrics{_tag}.json with the scores. info: generate()'s sampler, nfe and sec_per_100."""
+    suffix = f"_{tag}" if tag else ""
+    os.makedirs(out, exist_ok=True)
+    save_samples(a, x, os.path.join(out, f"samples{suffix}.png"), real, nrow)
+    if save_npz_too:
+        save_npz(x, os.path.join(out, f"samples{suffix}.npz"), labels)
+    scores = info.get("scores") or score(a, x, labels)
+    return finish(a, method, info["sampler"], info["nfe"], info["sec_per_100"], len(x), scores,
+                  os.path.join(out, f"metrics{suffix}.json"), log, extra)
+
+
+def clip_grad(module, max_norm):
+    """Clip the gradient norm to max_norm (0: no clipping) and return the norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm if max_norm > 0 else float("inf"))

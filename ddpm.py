@@ -15,16 +15,12 @@ The network sees t rescaled to 1000 t / T, so the time embedding spans the same 
 """
 import argparse
 import copy
-import json
 import math
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from unet import MLP, UNet
@@ -152,15 +148,7 @@ def sample_ddim(net, sched, shape, S, eta=0.0, clip=True, y=None, generator=None
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: device, model, checkpoint (the same shape in every method file)
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
+# The model, and sampling from it
 def build_model(a, in_ch):
     """The denoiser: the shared UNet for images, the MLP for 2-D points."""
     if data.is_2d(a["data"]):
@@ -179,236 +167,124 @@ def eps_fn(model, T, dtype):
     return net
 
 
-def save_checkpoint(path, obj):
-    """Write atomically: a crash mid-write never leaves a half-written ckpt.pt."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def sampler_name(cfg):
+    """The sampler in words, e.g. ancestral_beta or ddim50_eta0.0 (file names and metrics.json)."""
+    if cfg.get("sample_steps"):
+        return f"ddim{len(ddim_steps(cfg['T'], cfg['sample_steps']))}_eta{cfg['eta']}"
+    return f"ancestral_{cfg['var']}"
 
 
-def load_checkpoint(path):
-    """Load a ddpm checkpoint or raise ValueError with one clear line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "ddpm":
-        found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise ValueError(f"{path} is not a ddpm checkpoint (method: {found})")
-    return ckpt
+def load(path, device="cpu"):
+    """(model, cfg) from a ckpt.pt: the EMA weights in eval mode on `device`, and the run's settings."""
+    ckpt = data.load_checkpoint(path, "ddpm", KEYS, ARCH + ("var", "eta", "clip_x0"))
+    model = build_model(ckpt["args"], ckpt["args"]["channels"])
+    data.load_states(ckpt, path, ema=model)
+    return model.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
 
 
 @torch.no_grad()
-def generate(a, model, n, device, dtype="float32", seed=0, batch=500):
-    """Sample n items with the sampler chosen by --sample-steps/--var/--eta, from fixed noise (seed).
-    Returns (samples on cpu, NFE per sample, seconds per 100 samples)."""
-    sched, T = make_schedule(a["T"], a["schedule"]), a["T"]
-    net = eps_fn(model, T, dtype)
+def generate(model, cfg, n=64, seed=0, sample_steps=None, eta=None, var=None, clip_x0=None, dtype="float32",
+             batch=500, info=None):
+    """n samples (images in [-1, 1] or 2-D points) from fixed noise (seed): Alg. 2 over all T steps, or DDIM on
+    sample_steps; unset options come from cfg. `info` (a dict) receives the sampler's name, NFE and seconds per
+    100 samples, timed after one untimed network call (one-time set-up is not sampling time)."""
+    cfg = dict(cfg, sample_steps=sample_steps or cfg.get("sample_steps"),
+               **{k: cfg[k] if v is None else v for k, v in dict(eta=eta, var=var, clip_x0=clip_x0).items()})
+    device, T, S = next(model.parameters()).device, cfg["T"], cfg["sample_steps"]
+    if S is not None and not 1 <= S <= T:
+        raise ValueError(f"--sample-steps {S} is larger than the checkpoint's T={T}" if S > T else
+                         "--sample-steps must be at least 1")
+    sched, net = make_schedule(T, cfg["schedule"]), eps_fn(model, T, dtype)
     g = torch.Generator(device).manual_seed(seed)
-    shape = (2,) if data.is_2d(a["data"]) else (a["channels"], a["image_size"], a["image_size"])
-    S = a.get("sample_steps") or T
-    b0 = min(batch, n)   # one untimed network call: one-time set-up is not sampling time (the same in every method)
-    net(torch.zeros((b0,) + shape, device=device), torch.ones(b0, dtype=torch.long, device=device))
+    shape = (2,) if data.is_2d(cfg["data"]) else (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    net(torch.zeros((min(batch, n),) + shape, device=device), torch.ones(min(batch, n), dtype=torch.long, device=device))
     t0, out = time.time(), []
     for i in range(0, n, batch):
         b = (min(batch, n - i),) + shape
-        if a.get("sample_steps"):
-            out.append(sample_ddim(net, sched, b, S, a["eta"], a["clip_x0"], generator=g, device=device).cpu())
+        if S:
+            out.append(sample_ddim(net, sched, b, S, cfg["eta"], cfg["clip_x0"], generator=g, device=device).cpu())
         else:
-            out.append(sample_ancestral(net, sched, b, a["var"], a["clip_x0"], generator=g, device=device).cpu())
-    sec = time.time() - t0
-    return torch.cat(out), len(ddim_steps(T, S)) if a.get("sample_steps") else T, 100 * sec / n
-
-
-def save_samples(a, x, path, real):
-    """A PNG grid of images (real row at the bottom) or a scatter of 2-D points over the real data."""
-    if data.is_2d(a["data"]):
-        data.save_scatter(x, path, a["data"], real=real)
-    else:
-        data.save_grid(x, path, real=real[:int(math.sqrt(len(x)))] if real is not None else None)
-
-
-def score(a, x):
-    """Final scores: energy distance (+ modes for 25gaussians) on 2-D data; legibility and class coverage
-    under a classifier trained on the real images for labelled image data."""
-    if data.is_2d(a["data"]):
-        return data.score_2d(x, a["data"], seed=a["seed"])
-    return data.score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
+            out.append(sample_ancestral(net, sched, b, cfg["var"], cfg["clip_x0"], generator=g, device=device).cpu())
+    if info is not None:
+        info.update(sampler=sampler_name(cfg), nfe=len(ddim_steps(T, S)) if S else T,
+                    sec_per_100=100 * (time.time() - t0) / n)
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training (Algorithm 1) in one flat step loop
+# Training (Algorithm 1) in one flat step loop; the run plumbing (DDP, checkpoints, log) is in data.py
 ARCH = ("data", "image_size", "channels", "classes", "T", "schedule", "ch", "ch_mult", "num_res_blocks",
         "attn_res", "dropout", "temb_dim", "hidden", "layers")   # what a checkpoint fixes
+KEYS = ("model", "ema", "opt")                                   # the state dicts a checkpoint holds
 
 
-def train(args, fail):
-    ddp = "RANK" in os.environ                                   # launched by torchrun
-    if ddp:
-        backend = "nccl" if pick_device(args.device) == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else pick_device(args.device)
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    torch.set_flush_denormal(True)                               # denormal floats make CPU steps ~10x slower
-    a = vars(args)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except ValueError as e:
-            fail(str(e))
-        a.update({k: ckpt["args"][k] for k in ARCH})             # the architecture comes from the checkpoint
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+def train(args):
+    rank, world, device = data.setup_ddp(args.device)
+    data.seed_all(args.seed + rank)
+    ckpt = data.resume_or_refuse(args, "ddpm", KEYS, ARCH)
+    ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
+    x, y, _ = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
+    a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
 
-    # data
-    try:
-        x, y, _ = data.load(args.data, "train", args.image_size, args.data_dir, args.classes, args.seed)
-    except ValueError as e:
-        fail(str(e))
-    a["channels"] = 2 if data.is_2d(args.data) else x.shape[1]
-    batches = data.batches(x, y, args.batch_size, flip=args.flip, seed=args.seed, device=device)
-    # real data drawn beside the samples: held-out points under a scatter, or a row of training images
-    real = data.load(args.data, "test", seed=args.seed)[0] if data.is_2d(args.data) else x[:10]
-
-    # model, optimizer, EMA
-    try:
-        model = build_model(a, a["channels"]).to(device)
-    except ValueError as e:
-        fail(str(e))
+    model = build_model(a, a["channels"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # sampling weights; eval(): no dropout
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-    train_model = torch.compile(model) if args.compile else model
-    if ddp:
-        train_model = DDP(train_model, device_ids=[device] if backend == "nccl" else None)
+        data.load_states(ckpt, ckpt_path, model=model, ema=ema, opt=opt)
+    step = data.restore(ckpt, world)
+    batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
+    real = data.reference(a, x, y)
+    net = eps_fn(data.wrap_ddp(torch.compile(model) if args.compile else model, device), args.T, args.dtype)
     sched = make_schedule(args.T, args.schedule)
-    net = eps_fn(train_model, args.T, args.dtype)
+
     os.makedirs(args.out, exist_ok=True)
-
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(args.out, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, dict(method="ddpm", model=model.state_dict(), ema=ema.state_dict(),
-                                        opt=opt.state_dict(), step=step, args=a))
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"ddpm | data {args.data} {tuple(x.shape)} | {n_params / 1e6:.2f}M params | device {device} x{world} "
-        f"| T {args.T} {args.schedule} | batch {args.batch_size} x{world} | steps {step}..{args.steps}")
-    t_log, step_log, loss_sum, loss_n, loss_avg = time.time(), step, 0.0, 0, float("nan")
+    log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
+    log(f"ddpm | data {args.data} {tuple(x.shape)} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+        f"| device {device} x{world} | T {args.T} {args.schedule} | batch {args.batch_size} x{world} "
+        f"| steps {step}..{args.steps}")
+    losses, loss_avg = [], float("nan")
     while step < args.steps:
-        # lr: linear warm-up, then constant (the paper) or cosine decay to 0
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        if args.lr_schedule == "cosine":
-            lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = data.set_lr(opt, data.lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule))
         x0, _ = next(batches)
-        loss = loss_simple(net, sched, x0)
+        loss = loss_simple(net, sched, x0)                       # Alg. 1, lines 2-5
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # NaN grads are all-reduced to every rank
-            log(f"non-finite loss/gradient at step {step} (loss {loss.item():.4g}): stopping; "
-                f"the last good checkpoint is kept at {ckpt_path}")
-            sys.exit(1)
+        grad_norm = data.clip_grad(model, args.grad_clip)
         opt.step()
+        bad = data.diverged([loss], [grad_norm], [model])
+        if bad:
+            data.stop_diverged(log, step, bad, ckpt_path)
         step += 1
-        # EMA with warm-up: decay (1 + n) / (10 + n) early on, so a short run already samples well from it
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        data.ema_update(ema, model, args.ema, step)
+        losses.append(loss.item())
 
-        if time.time() - t_log > args.log_every or step == args.steps:
-            loss_avg, rate = loss_sum / loss_n, (step - step_log) / (time.time() - t_log)
-            eta = (args.steps - step) / max(rate, 1e-9)
-            log(f"step {step:>7d}/{args.steps} | loss {loss_avg:.4f} | lr {lr:.2e} | {rate:.2f} steps/s "
-                f"| eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            t_log, step_log, loss_sum, loss_n = time.time(), step, 0.0, 0
-        if master and args.sample_every and step % args.sample_every == 0 and step < args.steps:
-            t_sample = time.time()
-            xs, _, _ = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
-            save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
-            t_log += time.time() - t_sample                               # keep sampling out of steps/s
-        if master and (step % args.ckpt_every == 0 or step == args.steps):
-            checkpoint()
+        if log.due(step):
+            log.progress(step, f"loss {sum(losses) / len(losses):.4f} | lr {lr:.2e}")
+            loss_avg, losses = sum(losses) / len(losses), []
+        if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
+            with log.paused():                                   # sampling is not training time
+                xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype)
+                data.save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+            data.save_checkpoint(ckpt_path, "ddpm", step, a, model=model, ema=ema, opt=opt)
 
-    if master:
-        xs, nfe, sec100 = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
-        save_samples(a, xs, os.path.join(args.out, "samples.png"), real)
-        finish(a, xs, nfe, sec100, os.path.join(args.out, "metrics.json"), log, dict(step=step, loss=loss_avg))
-    if ddp:
-        torch.distributed.destroy_process_group()
+    if rank == 0:
+        info = {}
+        xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype, info=info)
+        data.write_outputs(a, "ddpm", xs, info, args.out, log, dict(step=step, loss=loss_avg), real,
+                           save_npz_too=args.save_npz)
+    data.teardown_ddp()
 
 
-def sampler_name(a):
-    """The sampler in words, e.g. ancestral_beta or ddim50_eta0.0 (used in file names and metrics.json)."""
-    if a.get("sample_steps"):
-        return f"ddim{len(ddim_steps(a['T'], a['sample_steps']))}_eta{a['eta']}"
-    return f"ancestral_{a['var']}"
-
-
-def finish(a, xs, nfe, sec100, path, log, extra):
-    """Score the samples, print the final line and write metrics.json (the same keys in every method)."""
-    scores = score(a, xs)
-    sampler = sampler_name(a)
-    m = dict(method="ddpm", data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4),
-             n_samples=len(xs), **extra, **scores)
-    with open(path, "w") as f:
-        json.dump(m, f, indent=1)
-    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
-    log(f"done | {sampler} | NFE {nfe} per sample | {sec100:.2f} s per 100 samples" + (f" | {shown}" if shown else ""))
-
-
-def sample_only(args, fail):
-    """Generate from a checkpoint without the training flags (EMA weights)."""
+def sample_only(args):
+    """--sample-only: load() and generate() from a checkpoint's EMA weights, without the training flags."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    try:
-        ckpt = load_checkpoint(path)
-    except ValueError as e:
-        fail(str(e))
-    a = dict(ckpt["args"])
-    if args.sample_steps and args.sample_steps > a["T"]:
-        fail(f"--sample-steps {args.sample_steps} is larger than the checkpoint's T={a['T']}")
-    a.update(sample_steps=args.sample_steps, eta=args.eta, var=args.var or a["var"],
-             clip_x0=a["clip_x0"] if args.clip_x0 is None else args.clip_x0, seed=args.seed)
-    device = pick_device(args.device)
-    torch.set_flush_denormal(True)
-    model = build_model(a, a["channels"]).to(device)
-    model.load_state_dict(ckpt["ema"])
-    model.eval()
-    out = os.path.dirname(path) if args.ckpt and args.out == DEFAULT_OUT else args.out
-    os.makedirs(out, exist_ok=True)
-    n = args.n_samples or (2500 if data.is_2d(a["data"]) else 100)
-    xs, nfe, sec100 = generate(a, model, n, device, args.dtype, args.seed)
-    tag = sampler_name(a)
-    real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else None
-    save_samples(a, xs, os.path.join(out, f"samples_{tag}.png"), real)
-    if args.save_npz:                                            # uint8 NHWC, as improved-diffusion writes for FID tools
-        arr = xs if data.is_2d(a["data"]) else ((xs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        tmp = os.path.join(out, f"samples_{tag}.tmp.npz")
-        np.savez(tmp, arr_0=arr.numpy())
-        os.replace(tmp, os.path.join(out, f"samples_{tag}.npz"))
-    finish(a, xs, nfe, sec100, os.path.join(out, f"metrics_{tag}.json"), print, dict(step=ckpt["step"]))
+    model, cfg = load(path, data.pick_device(args.device))
+    cfg["seed"], info = args.seed, {}
+    n = args.n_samples or (2500 if data.is_2d(cfg["data"]) else 100)
+    xs = generate(model, cfg, n, args.seed, args.sample_steps, args.eta, args.var, args.clip_x0, args.dtype, info=info)
+    data.write_outputs(cfg, "ddpm", xs, info, data.sample_out(args, path, DEFAULT_OUT), print, dict(step=cfg["step"]),
+                       tag=info["sampler"], save_npz_too=args.save_npz)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,81 +293,44 @@ DEFAULT_OUT = "runs/ddpm"
 # Training budgets that fit a laptop CPU (flags override them). The model-level defaults (T, schedule,
 # eps-prediction) are the paper's; the paper's CIFAR-10 run is in the README.
 DEFAULTS = {
-    "image": dict(steps=5000, batch_size=64, lr=1e-3, warmup=200, lr_schedule="cosine", n_samples=100,
-                  sample_every=2500, clip_x0=True),
-    "2d": dict(steps=20000, batch_size=512, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=2500,
-               sample_every=5000, clip_x0=False),
+    "data": "glyphs", "lr_note": "; the paper's 2e-4", "warmup_note": "; the paper's 5000",
+    "lr_schedule_note": "; the paper's constant",
+    "image": dict(steps=5000, batch_size=64, lr=1e-3, warmup=200, lr_schedule="cosine", grad_clip=1.0, ema=0.9999,
+                  n_samples=100, sample_every=2500, clip_x0=True),
+    "2d": dict(steps=20000, batch_size=512, lr=1e-3, warmup=100, lr_schedule="cosine", grad_clip=1.0, ema=0.9999,
+               n_samples=2500, sample_every=5000, clip_x0=False),
 }
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="DDPM (Ho et al. 2020) with DDIM sampling.", allow_abbrev=False)
-    # data
-    p.add_argument("--data", default="glyphs", help="glyphs | cifar10 | mnist | swirl | 25gaussians | path to an image folder")
-    p.add_argument("--data-dir", default="./data", help="where cifar10/mnist are stored or downloaded")
-    p.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices)")
-    p.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips")
-    # diffusion
-    p.add_argument("--T", type=int, default=1000, help="number of diffusion steps")
-    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="beta schedule")
-    p.add_argument("--var", choices=["beta", "beta_tilde"], default="beta", help="sampling variance sigma_t^2 of Alg. 2")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clip x0_hat to [-1, 1] while sampling (default: on for images, off for 2-D)")
-    p.add_argument("--sample-steps", type=int, default=None, help="sample with DDIM on this many steps (default: Alg. 2 over all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
-    # model
-    p.add_argument("--ch", type=int, default=32, help="UNet base channels")
-    p.add_argument("--ch-mult", type=int, nargs="+", default=[1, 2, 2], help="UNet channel multiplier per level")
-    p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per UNet level")
-    p.add_argument("--attn-res", type=int, nargs="*", default=[], help="resolutions with self-attention, e.g. 16")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks (the paper's 0.1 on CIFAR-10; "
-                   "a short run only underfits)")
-    p.add_argument("--temb-dim", type=int, default=None, help="time-embedding width (default 4 * ch)")
-    p.add_argument("--hidden", type=int, default=512, help="2-D MLP width")
-    p.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers")
-    # training
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 5000 images, 20000 2-D)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch per process (default: 64 images, 512 2-D)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3; the paper's 2e-4)")
-    p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (the paper's 5000)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None, help="after warm-up (the paper's constant)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the sampling weights")
-    # output and runtime
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for ckpt.pt, samples, log.txt, metrics.json")
-    p.add_argument("--n-samples", type=int, default=None, help="samples per grid / final evaluation")
-    p.add_argument("--sample-every", type=int, default=None, help="save a sample grid every this many steps (0: end only)")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds between log lines")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.add_argument("--sample-only", action="store_true", help="only sample from a checkpoint (OUT/ckpt.pt or --ckpt)")
-    p.add_argument("--ckpt", default=None, help="checkpoint for --sample-only (default OUT/ckpt.pt)")
-    p.add_argument("--save-npz", action="store_true", help="with --sample-only: also save the samples as uint8 .npz")
-    p.add_argument("--seed", type=int, default=0, help="random seed (rank is added under DDP)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype of the network")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
+    p = data.Parser(description="DDPM (Ho et al. 2020) with DDIM sampling.", allow_abbrev=False)
+    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | cifar10 | mnist | stackedmnist | swirl | 25gaussians "
+                         "| path to an image folder")
+    d = p.add_argument_group("diffusion and sampling")
+    d.add_argument("--T", type=int, default=1000, help="number of diffusion steps")
+    d.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="beta schedule")
+    d.add_argument("--var", choices=["beta", "beta_tilde"], default="beta", help="sampling variance sigma_t^2 of Alg. 2")
+    d.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip x0_hat to [-1, 1] while sampling (default: on for images, off for 2-D)")
+    d.add_argument("--sample-steps", type=int, default=None, help="sample with DDIM on this many steps "
+                   "(default: Alg. 2 over all T)")
+    d.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
     return p
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.T < 1:
-        parser.error("--T must be at least 1")
-    if args.sample_steps is not None and not 1 <= args.sample_steps <= args.T and not args.sample_only:
-        parser.error(f"--sample-steps must be between 1 and --T ({args.T})")
-    if args.sample_steps is not None and args.sample_steps < 1:
-        parser.error("--sample-steps must be at least 1")
-    if args.sample_only:
-        return sample_only(args, parser.error)
-    for k, v in DEFAULTS["2d" if data.is_2d(args.data) else "image"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k in ("steps", "batch_size", "n_samples", "ckpt_every"):
-        if getattr(args, k) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1")
-    train(args, parser.error)
+    args = get_parser().parse_args(argv)
+    try:
+        if args.T < 1:
+            raise ValueError("--T must be at least 1")
+        if args.sample_steps is not None and not (1 <= args.sample_steps and (args.sample_only or args.sample_steps <= args.T)):
+            raise ValueError(f"--sample-steps must be between 1 and --T ({args.T})")
+        if not args.sample_only:
+            data.apply_defaults(args, DEFAULTS)
+        data.check_args(args)
+        return sample_only(args) if args.sample_only else train(args)
+    except ValueError as e:
+        data.die(f"ddpm.py: error: {e}")
 
 
 if __name__ == "__main__":
