@@ -24,16 +24,11 @@ x_t ~ q(x_t | x_{t-1}). The networks see t rescaled to 1000 t / T, as in ddpm.py
 """
 import argparse
 import copy
-import json
-import math
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from unet import MLP, Discriminator, UNet
@@ -123,15 +118,46 @@ def sample(gen, sched, shape, nz, generator=None, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: device, models, checkpoint (the same shape in every method file)
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+# One training iteration (Alg. 1 of the paper's App.): a D step, then a G step, each with a fresh t, pair and z
+def d_step(gen, disc, D, opt_d, sched, x0, nz, r1_gamma=0.0, clip=0.0):
+    """D: real pair (x_{t-1}, x_t) from the forward process vs fake pair (x_{t-1} ~ q(. | x_t, G(x_t, t, z)), x_t);
+    with r1_gamma > 0 also (gamma / 2) R1 on the real x_{t-1}. As in the official code the R1 term is not scaled by
+    the lazy interval (StyleGAN2 scales it), so the paper's gamma values mean the same here."""
+    t = torch.randint(1, len(sched["beta"]) + 1, (len(x0),), device=x0.device)
+    x_prev, x_t = q_sample_pairs(sched, x0, t)
+    x_prev.requires_grad_(r1_gamma > 0)
+    real_logits = disc(x_prev, x_t, t)
+    with torch.no_grad():
+        z = torch.randn(len(x0), nz, device=x0.device) if nz else None
+        fake_prev = sample_posterior(sched, gen(x_t, t, z), x_t, t)
+    fake_logits = disc(fake_prev, x_t, t)
+    loss = d_loss(real_logits, fake_logits)
+    r1 = r1_penalty(real_logits, x_prev) if r1_gamma > 0 else torch.zeros((), device=x0.device)
+    opt_d.zero_grad(set_to_none=True)
+    (loss + r1_gamma / 2 * r1).backward()
+    norm = data.clip_grad(D, clip)
+    opt_d.step()
+    return dict(d=loss.detach(), real=real_logits.detach().mean(), fake=fake_logits.detach().mean(),
+                r1=r1.detach()), norm
 
 
+def g_step(gen, disc, G, D, opt_g, sched, x0, nz, clip=0.0):
+    """G, non-saturating: -log D(x_{t-1} ~ q(. | x_t, G(x_t, t, z)), x_t) through a frozen D."""
+    t = torch.randint(1, len(sched["beta"]) + 1, (len(x0),), device=x0.device)
+    _, x_t = q_sample_pairs(sched, x0, t)
+    z = torch.randn(len(x0), nz, device=x0.device) if nz else None
+    D.requires_grad_(False)
+    loss = g_loss(disc(sample_posterior(sched, gen(x_t, t, z), x_t, t), x_t, t))
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    D.requires_grad_(True)
+    norm = data.clip_grad(G, clip)
+    opt_g.step()
+    return loss.detach(), norm
+
+
+# ----------------------------------------------------------------------------------------------------
+# The networks, and sampling from a trained G
 POINT_GAIN = 4.0
 
 
@@ -172,269 +198,117 @@ def disc_fn(D, T, dtype):
     return disc
 
 
-def save_checkpoint(path, obj):
-    """Write atomically: a crash mid-write never leaves a half-written ckpt.pt."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """Load a ddgan checkpoint or raise ValueError with one clear line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("method") != "ddgan":
-        raise ValueError(f"{path} is a {ckpt.get('method')!r} checkpoint, not a ddgan one")
-    return ckpt
+def load(path, device="cpu"):
+    """(G, cfg) from a ckpt.pt: G's EMA weights in eval mode on `device`, and the run's settings."""
+    ckpt = data.load_checkpoint(path, "ddgan", KEYS, ARCH)
+    G, _ = build_models(ckpt["args"], ckpt["args"]["channels"])
+    data.load_states(ckpt, path, ema=G)
+    return G.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
 
 
 @torch.no_grad()
-def generate(a, G, n, device, dtype="float32", seed=0, batch=500):
-    """Sample n items from fixed noise (seed). Returns (samples on cpu, NFE per sample, seconds per 100 samples)."""
-    sched, T = make_schedule(a["T"], a["beta_min"], a["beta_max"]), a["T"]
-    gen = gen_fn(G, T, dtype)
+def generate(G, cfg, n=64, seed=0, dtype="float32", batch=500, info=None):
+    """n samples (images in [-1, 1] or 2-D points) from fixed noise (seed), T network calls each. `info` (a dict)
+    receives the sampler's name, NFE and seconds per 100 samples, timed after one untimed network call."""
+    sched, T, nz = make_schedule(cfg["T"], cfg["beta_min"], cfg["beta_max"]), cfg["T"], 0 if cfg["no_z"] else cfg["nz"]
+    device, gen = next(G.parameters()).device, gen_fn(G, cfg["T"], dtype)
     g = torch.Generator(device).manual_seed(seed)
-    shape = (2,) if data.is_2d(a["data"]) else (a["channels"], a["image_size"], a["image_size"])
+    shape = (2,) if data.is_2d(cfg["data"]) else (cfg["channels"], cfg["image_size"], cfg["image_size"])
     was_training = G.training
     G.eval()
-    b0 = min(batch, n)   # one untimed network call: one-time set-up is not sampling time (the same in every method)
+    b0 = min(batch, n)
     gen(torch.zeros((b0,) + shape, device=device), torch.ones(b0, dtype=torch.long, device=device),
-        torch.zeros(b0, a["nz"], device=device) if not a["no_z"] else None)
+        torch.zeros(b0, nz, device=device) if nz else None)
     t0, out = time.time(), []
     for i in range(0, n, batch):
-        b = (min(batch, n - i),) + shape
-        out.append(sample(gen, sched, b, 0 if a["no_z"] else a["nz"], generator=g, device=device).cpu())
-    sec = time.time() - t0
+        out.append(sample(gen, sched, (min(batch, n - i),) + shape, nz, generator=g, device=device).cpu())
     G.train(was_training)
-    return torch.cat(out), T, 100 * sec / n
-
-
-def save_samples(a, x, path, real):
-    """A PNG grid of images (real row at the bottom) or a scatter of 2-D points over the real data."""
-    if data.is_2d(a["data"]):
-        data.save_scatter(x, path, a["data"], real=real)
-    else:
-        data.save_grid(x, path, real=real[:int(math.sqrt(len(x)))] if real is not None else None)
-
-
-def score(a, x):
-    """Final scores: energy distance (+ modes for 25gaussians) on 2-D data; legibility and class coverage
-    under a classifier trained on the real images for labelled image data."""
-    if data.is_2d(a["data"]):
-        return data.score_2d(x, a["data"], seed=a["seed"])
-    return data.score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
+    if info is not None:
+        info.update(sampler=f"ddgan_T{T}" + ("_noz" if cfg["no_z"] else ""), nfe=T, sec_per_100=100 * (time.time() - t0) / n)
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training: one D step then one G step per iteration, in one flat step loop
+# Training: d_step then g_step per iteration, in one flat loop; the run plumbing is in data.py
 ARCH = ("data", "image_size", "channels", "classes", "T", "beta_min", "beta_max", "nz", "no_z", "ch", "ch_mult",
         "num_res_blocks", "attn_res", "dropout", "temb_dim", "d_ch", "hidden", "layers")   # what a checkpoint fixes
+KEYS = ("G", "D", "ema", "opt_G", "opt_D")
 
 
-def train(args, fail):
-    ddp = "RANK" in os.environ                                   # launched by torchrun
-    if ddp:
-        backend = "nccl" if pick_device(args.device) == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else pick_device(args.device)
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    torch.set_flush_denormal(True)                               # denormal floats make CPU steps ~10x slower
-    a = vars(args)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        a.update({k: ckpt["args"][k] for k in ARCH})             # the architecture comes from the checkpoint
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+def train(args):
+    rank, world, device = data.setup_ddp(args.device)
+    data.seed_all(args.seed + rank)
+    ckpt = data.resume_or_refuse(args, "ddgan", KEYS, ARCH)
+    ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
+    x, y, _ = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
+    a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
 
-    # data
-    try:
-        x, y, _ = data.load(args.data, "train", args.image_size, args.data_dir, args.classes, args.seed)
-    except ValueError as e:
-        fail(str(e))
-    a["channels"] = 2 if data.is_2d(args.data) else x.shape[1]
-    batches = data.batches(x, y, args.batch_size, flip=args.flip, seed=args.seed, device=device)
-    # real data drawn beside the samples: held-out points under a scatter, or a row of training images
-    real = data.load(args.data, "test", seed=args.seed)[0] if data.is_2d(args.data) else x[:10]
-
-    # models, optimizers (Adam betas (0.5, 0.9) for both), EMA of G
-    try:
-        G, D = (m.to(device) for m in build_models(a, a["channels"]))
-    except ValueError as e:
-        fail(str(e))
+    # models, optimizers (Adam betas (0.5, 0.9) for both, the paper's), EMA of G
+    G, D = (m.to(device) for m in build_models(a, a["channels"]))
     ema = copy.deepcopy(G).requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.9))
-    step = 0
     if ckpt is not None:
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        ema.load_state_dict(ckpt["ema"])
-        opt_g.load_state_dict(ckpt["opt_G"])
-        opt_d.load_state_dict(ckpt["opt_D"])
-        step = ckpt["step"]
+        data.load_states(ckpt, ckpt_path, G=G, D=D, ema=ema, opt_G=opt_g, opt_D=opt_d)
+    step = data.restore(ckpt, world)
+    batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
+    real = data.reference(a, x, y)
     # D is never compiled: the R1 penalty needs a double backward, which torch.compile does not support
-    train_G = torch.compile(G) if args.compile else G
-    train_D = D
-    if ddp:
-        train_G = DDP(train_G, device_ids=[device] if backend == "nccl" else None)
-        train_D = DDP(train_D, device_ids=[device] if backend == "nccl" else None)
-    sched = make_schedule(args.T, args.beta_min, args.beta_max)
-    nz = 0 if args.no_z else args.nz
-    # The D step updates D through its DDP wrapper and runs G unwrapped without gradients; the G step updates G
-    # through its wrapper and runs D unwrapped (frozen), so each wrapper all-reduces only what is being trained.
-    gen, gen_nograd = gen_fn(train_G, args.T, args.dtype), gen_fn(G, args.T, args.dtype)
-    disc, disc_frozen = disc_fn(train_D, args.T, args.dtype), disc_fn(D, args.T, args.dtype)
+    gen = gen_fn(data.wrap_ddp(torch.compile(G) if args.compile else G, device), args.T, args.dtype)
+    disc = disc_fn(data.wrap_ddp(D, device), args.T, args.dtype)
+    sched, nz = make_schedule(args.T, args.beta_min, args.beta_max), 0 if args.no_z else args.nz
+
     os.makedirs(args.out, exist_ok=True)
-
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(args.out, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, dict(method="ddgan", G=G.state_dict(), D=D.state_dict(), ema=ema.state_dict(),
-                                        opt_G=opt_g.state_dict(), opt_D=opt_d.state_dict(), step=step, args=a))
-
-    def stop(what, value):
-        log(f"non-finite {what} at step {step} ({value:.4g}): stopping; the last good checkpoint is kept at "
-            f"{ckpt_path}")
-        sys.exit(1)
-
+    log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (G, D))
     log(f"ddgan | data {args.data} {tuple(x.shape)} | G {n_g / 1e6:.2f}M D {n_d / 1e6:.2f}M params | device {device} "
         f"x{world} | T {args.T} | nz {nz} | batch {args.batch_size} x{world} | steps {step}..{args.steps}")
-    clip = args.grad_clip if args.grad_clip > 0 else float("inf")   # inf: measure the norm only
-    t_log, t_start, step_start = time.time(), time.time(), step
-    sums, n_sum, avg = dict(d=0.0, g=0.0, real=0.0, fake=0.0, r1=0.0), 0, dict(d=float("nan"), g=float("nan"))
+    stats, avg = [], dict(d=float("nan"), g=float("nan"))
     while step < args.steps:
         # lr: optional linear warm-up, then constant or cosine decay to lr_min (the paper: cosine to 1e-5)
-        scale = min(1.0, (step + 1) / max(1, args.warmup))
-        cos = 0.5 * (1 + math.cos(math.pi * step / args.steps)) if args.lr_schedule == "cosine" else 1.0
-        lr_g, lr_d = (scale * (min(args.lr_min, lr) + (lr - min(args.lr_min, lr)) * cos) for lr in (args.lr_g, args.lr_d))
-        for opt, lr in ((opt_g, lr_g), (opt_d, lr_d)):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        lr_g = data.set_lr(opt_g, data.lr_at(step, args.steps, args.lr_g, args.warmup, args.lr_schedule, args.lr_min))
+        lr_d = data.set_lr(opt_d, data.lr_at(step, args.steps, args.lr_d, args.warmup, args.lr_schedule, args.lr_min))
         x0, _ = next(batches)
-        B = x0.shape[0]
-
-        # D step: real pair vs fake pair at a random t; R1 (gamma / 2) ||grad||^2 on every --lazy-reg-th step.
-        # As in the official code it is not multiplied by the interval (StyleGAN2 does), so the paper's gamma
-        # values (0.02 on CIFAR-10 with --lazy-reg 15) mean the same here
-        t = torch.randint(1, args.T + 1, (B,), device=device)
-        x_prev, x_t = q_sample_pairs(sched, x0, t)
-        reg = args.r1_gamma > 0 and args.lazy_reg > 0 and step % args.lazy_reg == 0
-        x_prev.requires_grad_(reg)
-        real_logits = disc(x_prev, x_t, t)
-        with torch.no_grad():
-            z = torch.randn(B, nz, device=device) if nz else None
-            fake_prev = sample_posterior(sched, gen_nograd(x_t, t, z), x_t, t)
-        fake_logits = disc(fake_prev, x_t, t)
-        loss_d = d_loss(real_logits, fake_logits)
-        r1 = r1_penalty(real_logits, x_prev) if reg else torch.zeros((), device=device)
-        opt_d.zero_grad(set_to_none=True)
-        (loss_d + args.r1_gamma / 2 * r1 if reg else loss_d).backward()
-        norm_d = torch.nn.utils.clip_grad_norm_(D.parameters(), clip)
-        if not (torch.isfinite(loss_d) and torch.isfinite(norm_d)):   # identical on every rank (all-reduced)
-            stop("D loss/gradient", loss_d.item() if not torch.isfinite(loss_d) else norm_d.item())
-        opt_d.step()
-
-        # G step: fresh t, pair and z; the non-saturating loss through the frozen D
-        t = torch.randint(1, args.T + 1, (B,), device=device)
-        _, x_t = q_sample_pairs(sched, x0, t)
-        z = torch.randn(B, nz, device=device) if nz else None
-        D.requires_grad_(False)
-        loss_g = g_loss(disc_frozen(sample_posterior(sched, gen(x_t, t, z), x_t, t), x_t, t))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        D.requires_grad_(True)
-        norm_g = torch.nn.utils.clip_grad_norm_(G.parameters(), clip)
-        if not (torch.isfinite(loss_g) and torch.isfinite(norm_g)):
-            stop("G loss/gradient", loss_g.item() if not torch.isfinite(loss_g) else norm_g.item())
-        opt_g.step()
+        reg = args.lazy_reg > 0 and step % args.lazy_reg == 0    # R1 on every --lazy-reg-th step
+        s, norm_d = d_step(gen, disc, D, opt_d, sched, x0, nz, args.r1_gamma if reg else 0.0, args.grad_clip)
+        s["g"], norm_g = g_step(gen, disc, G, D, opt_g, sched, x0, nz, args.grad_clip)
+        bad = data.diverged([s["d"], s["g"]], [norm_d, norm_g], [G, D])
+        if bad:
+            data.stop_diverged(log, step, bad, ckpt_path)
         step += 1
-        # EMA with warm-up: decay (1 + n) / (10 + n) early on, so a short run already samples well from it
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), G.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-            for p_ema, p in zip(ema.buffers(), G.buffers()):
-                p_ema.copy_(p)
-        for k, v in dict(d=loss_d, g=loss_g, real=real_logits.mean(), fake=fake_logits.mean()).items():
-            sums[k] += v.item()
-        sums["r1"], n_sum = max(sums["r1"], r1.item()), n_sum + 1
+        data.ema_update(ema, G, args.ema, step)
+        stats.append({k: v.item() for k, v in s.items()})
 
-        if time.time() - t_log > args.log_every or step == args.steps:
-            avg, rate = {k: v / n_sum for k, v in sums.items()}, (step - step_start) / (time.time() - t_start)
-            eta = (args.steps - step) / max(rate, 1e-9)
-            log(f"step {step:>7d}/{args.steps} | loss D {avg['d']:.4f} G {avg['g']:.4f} | D(real) {avg['real']:+.2f} "
-                f"D(fake) {avg['fake']:+.2f} | r1 {sums['r1']:.3g} | lr {lr_g:.2e}/{lr_d:.2e} | {rate:.2f} steps/s "
-                f"| eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            t_log, sums, n_sum = time.time(), dict.fromkeys(sums, 0.0), 0
-        if master and args.sample_every and step % args.sample_every == 0 and step < args.steps:
-            xs, _, _ = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
-            save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
-            log(f"samples at step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in score(a, xs).items()))
-        if master and (step % args.ckpt_every == 0 or step == args.steps):
-            checkpoint()
+        if log.due(step):
+            avg = {k: sum(v[k] for v in stats) / len(stats) for k in stats[0]}
+            log.progress(step, f"loss D {avg['d']:.4f} G {avg['g']:.4f} | D(real) {avg['real']:+.2f} D(fake) "
+                         f"{avg['fake']:+.2f} | r1 {max(v['r1'] for v in stats):.3g} | lr {lr_g:.2e}/{lr_d:.2e}")
+            stats = []
+        if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
+            with log.paused():                                   # sampling and scoring are not training time
+                xs = generate(ema, a, args.n_samples, args.seed, args.dtype)
+                data.save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
+                log(f"samples at step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in data.score(a, xs).items()))
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+            data.save_checkpoint(ckpt_path, "ddgan", step, a, G=G, D=D, ema=ema, opt_G=opt_g, opt_D=opt_d)
 
-    if master:
-        xs, nfe, sec100 = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
-        save_samples(a, xs, os.path.join(args.out, "samples.png"), real)
-        finish(a, xs, nfe, sec100, os.path.join(args.out, "metrics.json"), log,
-               dict(step=step, loss_d=avg["d"], loss_g=avg["g"]))
-    if ddp:
-        torch.distributed.destroy_process_group()
+    if rank == 0:
+        info = {}
+        xs = generate(ema, a, args.n_samples, args.seed, args.dtype, info=info)
+        data.write_outputs(a, "ddgan", xs, info, args.out, log,
+                           dict(step=step, loss=avg["d"] + avg["g"], loss_d=avg["d"], loss_g=avg["g"]), real,
+                           save_npz_too=args.save_npz)
+    data.teardown_ddp()
 
 
-def finish(a, xs, nfe, sec100, path, log, extra):
-    """Score the samples, print the final line and write metrics.json (the same keys in every method)."""
-    scores = score(a, xs)
-    sampler = f"ddgan_T{a['T']}" + ("_noz" if a["no_z"] else "")
-    m = dict(method="ddgan", data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4),
-             n_samples=len(xs), **extra, **scores)
-    with open(path, "w") as f:
-        json.dump(m, f, indent=1)
-    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
-    log(f"done | {sampler} | NFE {nfe} per sample | {sec100:.2f} s per 100 samples" + (f" | {shown}" if shown else ""))
-
-
-def sample_only(args, fail):
-    """Generate from a checkpoint without the training flags (EMA weights of G)."""
+def sample_only(args):
+    """--sample-only: load() and generate() from a checkpoint's EMA weights of G, without the training flags."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    try:
-        ckpt = load_checkpoint(path)
-    except ValueError as e:
-        fail(str(e))
-    a = dict(ckpt["args"])
-    a.update(seed=args.seed)
-    device = pick_device(args.device)
-    torch.set_flush_denormal(True)
-    G, _ = build_models(a, a["channels"])
-    G = G.to(device)
-    G.load_state_dict(ckpt["ema"])
-    G.eval()
-    out = os.path.dirname(path) if args.ckpt and args.out == DEFAULT_OUT else args.out
-    os.makedirs(out, exist_ok=True)
-    n = args.n_samples or (2500 if data.is_2d(a["data"]) else 100)
-    xs, nfe, sec100 = generate(a, G, n, device, args.dtype, args.seed)
-    tag = f"T{a['T']}"
-    real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else None
-    save_samples(a, xs, os.path.join(out, f"samples_{tag}.png"), real)
-    if args.save_npz:                                            # uint8 NHWC, as improved-diffusion writes for FID tools
-        arr = xs if data.is_2d(a["data"]) else ((xs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        tmp = os.path.join(out, f"samples_{tag}.tmp.npz")
-        np.savez(tmp, arr_0=arr.numpy())
-        os.replace(tmp, os.path.join(out, f"samples_{tag}.npz"))
-    finish(a, xs, nfe, sec100, os.path.join(out, f"metrics_{tag}.json"), print, dict(step=ckpt["step"]))
+    G, cfg = load(path, data.pick_device(args.device))
+    cfg["seed"], info = args.seed, {}
+    xs = generate(G, cfg, args.n_samples or (2500 if data.is_2d(cfg["data"]) else 100), args.seed, args.dtype, info=info)
+    data.write_outputs(cfg, "ddgan", xs, info, data.sample_out(args, path, DEFAULT_OUT), print, dict(step=cfg["step"]),
+                       tag=info["sampler"], save_npz_too=args.save_npz)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,93 +317,62 @@ DEFAULT_OUT = "runs/ddgan"
 # Training budgets that fit a laptop CPU (flags override them). The model-level defaults (T = 4, the VP betas,
 # nz = 100, Adam (0.5, 0.9), R1 every 15 steps, EMA 0.9999) are the paper's; its CIFAR-10 run is in the README.
 DEFAULTS = {
+    "data": "glyphs", "ema_note": "; the paper's 0.9999", "lr_schedule_note": "; the paper's cosine",
+    "steps_note": "; each one D and one G step", "grad_clip_note": "; the paper: off",
     "image": dict(steps=3000, batch_size=64, lr_g=1.6e-4, lr_d=1.25e-4, r1_gamma=0.02, lazy_reg=15, ema=0.9999,
-                  n_samples=100, sample_every=500),
+                  warmup=0, lr_schedule="cosine", grad_clip=0.0, n_samples=100, sample_every=500),
     "2d": dict(steps=32000, batch_size=256, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.04, lazy_reg=4, ema=0.999,
-               n_samples=2500, sample_every=4000),
+               warmup=0, lr_schedule="cosine", grad_clip=0.0, n_samples=2500, sample_every=4000),
 }
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="DDGAN (Xiao et al. 2022): denoising diffusion GANs.", allow_abbrev=False)
-    # data
-    p.add_argument("--data", default="glyphs", help="glyphs | cifar10 | mnist | swirl | 25gaussians | path to an image folder")
-    p.add_argument("--data-dir", default="./data", help="where cifar10/mnist are stored or downloaded")
-    p.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices)")
-    p.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips")
-    # diffusion
-    p.add_argument("--T", type=int, default=4, help="number of denoising steps (the paper: 1, 2, 4 or 8; 4 on CIFAR-10)")
-    p.add_argument("--beta-min", type=float, default=0.1, help="VP schedule b_min")
-    p.add_argument("--beta-max", type=float, default=20.0, help="VP schedule b_max")
-    # GAN
-    p.add_argument("--nz", type=int, default=100, help="latent z dimension of the generator")
-    p.add_argument("--no-z", action="store_true", help="ablation: no latent, a unimodal denoiser")
-    p.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma (default 0.02 images as the paper's CIFAR-10, 0.04 2-D)")
-    p.add_argument("--lazy-reg", type=int, default=None, help="apply R1 every this many steps (0: never; default "
+    p = data.Parser(description="DDGAN (Xiao et al. 2022): denoising diffusion GANs.", allow_abbrev=False)
+    _, model, training, _ = data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | cifar10 | mnist | stackedmnist "
+                                                 "| swirl | 25gaussians | path to an image folder", hidden=256, g=" of G")
+    model.add_argument("--d-ch", type=int, default=None, help="base channels of D (default: --ch)")
+    training.add_argument("--lr", type=float, default=None, help="set both --lr-g and --lr-d")
+    training.add_argument("--lr-g", type=float, default=None, help="G's peak learning rate (default: 1.6e-4 images "
+                          "as the paper's, 5e-4 2-D)")
+    training.add_argument("--lr-d", type=float, default=None, help="D's peak learning rate (default: 1.25e-4 images "
+                          "as the paper's, 1e-3 2-D)")
+    training.add_argument("--lr-min", type=float, default=1e-5, help="floor of the cosine decay (the paper's 1e-5)")
+    d = p.add_argument_group("diffusion and GAN")
+    d.add_argument("--T", type=int, default=4, help="number of denoising steps (the paper: 1, 2, 4 or 8; 4 on CIFAR-10)")
+    d.add_argument("--beta-min", type=float, default=0.1, help="VP schedule b_min")
+    d.add_argument("--beta-max", type=float, default=20.0, help="VP schedule b_max")
+    d.add_argument("--nz", type=int, default=100, help="latent z dimension of the generator")
+    d.add_argument("--no-z", action="store_true", help="ablation: no latent, a unimodal denoiser")
+    d.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma (default 0.02 images as the paper's "
+                   "CIFAR-10, 0.04 2-D)")
+    d.add_argument("--lazy-reg", type=int, default=None, help="apply R1 every this many steps (0: never; default "
                    "15 images as the paper's CIFAR-10, 4 2-D)")
-    # model
-    p.add_argument("--ch", type=int, default=32, help="UNet base channels of G")
-    p.add_argument("--ch-mult", type=int, nargs="+", default=[1, 2, 2], help="channel multiplier per level (G and D)")
-    p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per level of G (D has 1)")
-    p.add_argument("--attn-res", type=int, nargs="*", default=[], help="resolutions with self-attention in G, e.g. 16")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout in G's residual blocks")
-    p.add_argument("--temb-dim", type=int, default=None, help="time-embedding width of G (default 4 * ch)")
-    p.add_argument("--d-ch", type=int, default=None, help="base channels of D (default: --ch)")
-    p.add_argument("--hidden", type=int, default=256, help="2-D MLP width (G and D; the paper's toy: 512)")
-    p.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers (G and D)")
-    # training
-    p.add_argument("--steps", type=int, default=None, help="training iterations, each one D and one G step (default: 3000 images, 32000 2-D)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch per process (default: 64 images, 256 2-D)")
-    p.add_argument("--lr", type=float, default=None, help="set both --lr-g and --lr-d")
-    p.add_argument("--lr-g", type=float, default=None, help="G's peak learning rate (the paper's 1.6e-4)")
-    p.add_argument("--lr-d", type=float, default=None, help="D's peak learning rate (the paper's 1.25e-4)")
-    p.add_argument("--lr-min", type=float, default=1e-5, help="floor of the cosine decay (the paper's 1e-5)")
-    p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps (the paper: none)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="lr decay (the paper's cosine)")
-    p.add_argument("--grad-clip", type=float, default=0.0, help="gradient-norm clipping of G and D (0: off, the paper)")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay of G's sampling weights (default 0.9999 "
-                   "images as the paper's, 0.999 2-D)")
-    # output and runtime
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for ckpt.pt, samples, log.txt, metrics.json")
-    p.add_argument("--n-samples", type=int, default=None, help="samples per grid / final evaluation")
-    p.add_argument("--sample-every", type=int, default=None, help="save a sample grid every this many steps (0: end only)")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds between log lines")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.add_argument("--sample-only", action="store_true", help="only sample from a checkpoint (OUT/ckpt.pt or --ckpt)")
-    p.add_argument("--ckpt", default=None, help="checkpoint for --sample-only (default OUT/ckpt.pt)")
-    p.add_argument("--save-npz", action="store_true", help="with --sample-only: also save the samples as uint8 .npz")
-    p.add_argument("--seed", type=int, default=0, help="random seed (rank is added under DDP)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype of the networks")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile G (D stays eager: R1)")
     return p
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.T < 1:
-        parser.error("--T must be at least 1")
-    if args.sample_only:
-        return sample_only(args, parser.error)
-    if args.lr is not None:
-        args.lr_g = args.lr if args.lr_g is None else args.lr_g
-        args.lr_d = args.lr if args.lr_d is None else args.lr_d
-    for k, v in DEFAULTS["2d" if data.is_2d(args.data) else "image"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k in ("steps", "batch_size", "n_samples", "ckpt_every", "nz"):
-        if getattr(args, k) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1")
-    if args.r1_gamma < 0 or args.lazy_reg < 0:
-        parser.error("--r1-gamma and --lazy-reg must be non-negative")
+    args = get_parser().parse_args(argv)
     threads = torch.get_num_threads()
-    if data.is_2d(args.data) and pick_device(args.device) == "cpu":
-        torch.set_num_threads(1)   # 2-D MLPs: thread sync costs more than it gives (30 vs 12 steps/s on 2 cores)
     try:
-        train(args, parser.error)
+        if args.T < 1:
+            raise ValueError("--T must be at least 1")
+        if not args.sample_only:
+            if args.lr is not None:
+                args.lr_g = args.lr if args.lr_g is None else args.lr_g
+                args.lr_d = args.lr if args.lr_d is None else args.lr_d
+            data.apply_defaults(args, DEFAULTS)
+            if args.nz < 1:
+                raise ValueError("--nz must be at least 1")
+            if not (args.r1_gamma >= 0 and args.lazy_reg >= 0):
+                raise ValueError("--r1-gamma and --lazy-reg must be non-negative")
+        data.check_args(args)
+        if args.sample_only:
+            return sample_only(args)
+        if data.is_2d(args.data) and data.pick_device(args.device) == "cpu":
+            torch.set_num_threads(1)   # 2-D MLPs: thread sync costs more than it gives (30 vs 12 steps/s on 2 cores)
+        train(args)
+    except ValueError as e:
+        data.die(f"ddgan.py: error: {e}")
     finally:
         torch.set_num_threads(threads)
 

@@ -1008,11 +1008,12 @@ def test_ddgan_generate_warms_up_once_untimed_and_stays_seeded():
     G = unet.MLP(in_dim=2, hidden=16, layers=1, z_dim=4, zero_out=False)
     calls = []
     G.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-    x1, nfe, _ = ddgan.generate(a, G, 7, "cpu", seed=3, batch=5)
-    assert nfe == 3 and x1.shape == (7, 2)
+    info = {}
+    x1 = ddgan.generate(G, a, 7, seed=3, batch=5, info=info)
+    assert info["nfe"] == 3 and info["sampler"] == "ddgan_T3" and x1.shape == (7, 2)
     assert calls == [5] + [5] * 3 + [2] * 3            # one warm-up call at the first batch's size, then T per batch
     torch.manual_seed(123)                                # the warm-up must not draw from the seeded noise
-    x2, _, _ = ddgan.generate(a, G, 7, "cpu", seed=3, batch=5)
+    x2 = ddgan.generate(G, a, 7, seed=3, batch=5)
     assert torch.equal(x1, x2)
 
 
@@ -1021,9 +1022,9 @@ def test_ddgan_sample_only_npz_and_cli_errors(tmp_path):
     ddgan.main(_small_image_flags(out, steps=2))
     r = run_cli("ddgan.py", "--sample-only", "--out", out, "--n-samples", "6", "--save-npz")
     assert r.returncode == 0, r.stderr
-    arr = np.load(os.path.join(out, "samples_T2.npz"))["arr_0"]
+    arr = np.load(os.path.join(out, "samples_ddgan_T2.npz"))["arr_0"]
     assert arr.shape == (6, 8, 8, 3) and arr.dtype == np.uint8
-    assert json.load(open(os.path.join(out, "metrics_T2.json")))["nfe"] == 2
+    assert json.load(open(os.path.join(out, "metrics_ddgan_T2.json")))["nfe"] == 2
     for bad in (["--T", "0"], ["--data", "no_such_set"], ["--steps", "0"]):
         r = run_cli("ddgan.py", *bad, "--out", str(tmp_path / "bad"))
         assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
