@@ -23,14 +23,11 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from unet import MLP, UNet
@@ -155,7 +152,7 @@ def recon_nll(model, k, u, gamma0):
     gamma_0 = -13.3 (the full softmax costs as much as the UNet on a CPU)."""
     chan = torch.arange(k.shape[1], device=k.device).view(1, -1, *[1] * (k.dim() - 2))
     c, step = model.centres, (model.centres[:, 1] - model.centres[:, 0]).view(chan.shape)   # uniform spacing
-    W = min(255, math.ceil(8 * math.exp(0.5 * gamma0.item()) / step.min().item()) + 1)   # 255: every bin
+    W = min(255, math.ceil(8 * math.exp(min(30.0, 0.5 * gamma0.item())) / step.min().item()) + 1)  # 255: every bin
     u = u + model.decoder(u) if model.decoder is not None else u
     j0 = ((u.detach() - c[:, 0].view(chan.shape)) / step).round().clamp(0, 255).long()   # nearest bin
     j = j0[..., None] + torch.arange(-W, W + 1, device=u.device)                          # (..., 2W + 1)
@@ -233,15 +230,7 @@ def sample(model, shape, S, y=None, w=0.0, generator=None, device="cpu", dtype="
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: device, 8-bit mapping, model, checkpoint (the same shape in every method file)
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
+# The model, and sampling from it
 def to_int(a, x):
     """A float batch from data.batches -> its exact 8-bit values k (int64, same shape)."""
     if data.is_2d(a["data"]):
@@ -265,26 +254,6 @@ def build_model(a):
     return VDM(net, Schedule(a["schedule"]), centres, a["fourier"], latent_ch=a["ch"] if a["latent"] else 0)
 
 
-def save_checkpoint(path, obj):
-    """Write atomically: a crash mid-write never leaves a half-written ckpt.pt."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """Load a vdm checkpoint or raise ValueError with one clear line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "vdm":
-        found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise ValueError(f"{path} is not a vdm checkpoint (method: {found})")
-    return ckpt
-
-
 def grid_labels(a, n):
     """A conditional grid's labels: a row per class of --labels (names or indices; default all), n // rows each."""
     names, chosen = a["class_names"], []
@@ -295,231 +264,168 @@ def grid_labels(a, n):
     return torch.tensor(chosen).repeat_interleave(max(1, n // len(chosen)))
 
 
+def sampler_name(cfg):
+    """The sampler in words (file names and metrics.json): ancestral1000, or for a conditional model
+    ancestral1000_w1.0 with the guidance w, plus _labels3-5 when --labels chose the grid's classes."""
+    name = f"ancestral{cfg.get('sample_steps') or cfg['T'] or 1000}"
+    if cfg["cond"]:
+        name += f"_w{cfg['guidance']}" + ("_labels" + "-".join(map(str, cfg["labels"])) if cfg.get("labels") else "")
+    return name
+
+
+def load(path, device="cpu"):
+    """(model, cfg) from a ckpt.pt: the EMA weights in eval mode on `device`, and the run's settings."""
+    ckpt = data.load_checkpoint(path, "vdm", KEYS, ARCH + ("guidance", "labels", "sample_steps"))
+    model = build_model(ckpt["args"])
+    data.load_states(ckpt, path, ema=model)
+    return model.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
+
+
 @torch.no_grad()
-def generate(a, model, n, device, dtype="float32", seed=0, batch=500):
-    """n samples from fixed noise (seed) -> (samples on cpu, labels or None, NFE per sample, s per 100)."""
-    S, w = a.get("sample_steps") or a["T"] or 1000, a["guidance"] if a["cond"] else 0.0
-    shape = (2,) if data.is_2d(a["data"]) else (a["channels"], a["image_size"], a["image_size"])
-    labels = grid_labels(a, n) if a["cond"] else None
-    n, g = len(labels) if a["cond"] else n, torch.Generator(device).manual_seed(seed)
-    b0 = min(batch, n)   # one untimed 1-step sample: one-time set-up is not sampling time (the same in every method)
-    sample(model, (b0,) + shape, 1, labels[:b0].to(device) if a["cond"] else None, w, None, device, dtype)
+def generate(model, cfg, n=64, seed=0, sample_steps=None, guidance=None, labels=None, dtype="float32", batch=500,
+             info=None):
+    """n samples (images in [-1, 1] or swirl points) from fixed noise (seed), S ancestral steps (sample_steps, else
+    T, else 1000); unset options come from cfg. A conditional model draws a grid of a row per class of `labels`
+    (default all), n // rows each, with guidance w. `info` (a dict) receives the sampler's name, NFE, seconds per
+    100 samples (timed after one untimed 1-step sample: one-time set-up is not sampling time), `labels`, the
+    class asked for of each sample, and `nrow`, a grid row per class (both None when unconditional)."""
+    cfg = dict(cfg, sample_steps=sample_steps or cfg.get("sample_steps"), labels=labels or cfg.get("labels"),
+               guidance=cfg["guidance"] if guidance is None else guidance)
+    device = next(model.parameters()).device
+    S, w = cfg["sample_steps"] or cfg["T"] or 1000, cfg["guidance"] if cfg["cond"] else 0.0
+    shape = (2,) if data.is_2d(cfg["data"]) else (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    ys = grid_labels(cfg, n) if cfg["cond"] else None
+    n, g = len(ys) if cfg["cond"] else n, torch.Generator(device).manual_seed(seed)
+    b0 = min(batch, n)
+    sample(model, (b0,) + shape, 1, ys[:b0].to(device) if cfg["cond"] else None, w, None, device, dtype)
     t0, out = time.time(), []
     for i in range(0, n, batch):
-        y = labels[i:i + batch].to(device) if a["cond"] else None
+        y = ys[i:i + batch].to(device) if cfg["cond"] else None
         out.append(sample(model, (min(batch, n - i),) + shape, S, y, w, g, device, dtype).cpu())
     k = torch.cat(out)              # 8-bit values -> images k / 127.5 - 1 or swirl points (k - mean) / std
-    x = model.centres.cpu()[torch.arange(2), k] if data.is_2d(a["data"]) else data.to_float(k.to(torch.uint8))
-    return x, labels, S * (2 if w else 1), 100 * (time.time() - t0) / n
+    x = model.centres.cpu()[torch.arange(2), k] if data.is_2d(cfg["data"]) else data.to_float(k.to(torch.uint8))
+    if info is not None:
+        info.update(sampler=sampler_name(cfg), nfe=S * (2 if w else 1), sec_per_100=100 * (time.time() - t0) / n,
+                    labels=ys, nrow=int((ys == ys[0]).sum()) if cfg["cond"] else None)
+    return x
 
 
 @torch.no_grad()
-def evaluate(a, model, device, dtype="float32", seed=0, batch=200):
+def evaluate(model, cfg, seed=0, dtype="float32", batch=200):
     """The bound averaged over the test split (one draw of t, eps per example; conditional: true labels)."""
-    x, y, _ = data.load(a["data"], "test", a["image_size"], a["data_dir"], a["classes"], a["seed"])
+    x, y, _ = data.load(cfg["data"], "test", cfg["image_size"], cfg["data_dir"], cfg["classes"], cfg["seed"])
+    device, sums = next(model.parameters()).device, torch.zeros(3, dtype=torch.float64)
     torch.manual_seed(seed)
-    sums = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(x), batch):
-        k = to_int(a, data.to_float(x[i:i + batch]).to(device))
-        terms = elbo_terms(model, k, y[i:i + batch].to(device) if a["cond"] else None, a["T"], dtype=dtype)
+        k = to_int(cfg, data.to_float(x[i:i + batch]).to(device))
+        terms = elbo_terms(model, k, y[i:i + batch].to(device) if cfg["cond"] else None, cfg["T"], dtype=dtype)
         sums += torch.stack([v.double().sum().cpu() for v in terms])
     r, p, d = (sums / len(x)).tolist()
     return dict(test_bpd=r + p + d, test_recon=r, test_prior=p, test_diff=d)
 
 
-def save_samples(a, x, path, real, labels=None):
-    """A PNG grid (a row per class when conditional, real images below) or a scatter over the real points."""
-    if data.is_2d(a["data"]):
-        return data.save_scatter(x, path, a["data"], real=real)
-    nrow = int((labels == labels[0]).sum()) if labels is not None else math.ceil(math.sqrt(len(x)))
-    data.save_grid(x, path, nrow=nrow, real=real[:nrow] if real is not None else None)
-
-
 # ----------------------------------------------------------------------------------------------------
-# Training: the negative ELBO in bits/dim, in one flat step loop
+# Training: the negative ELBO in bits/dim, in one flat step loop; the run plumbing is in data.py
 ARCH = ("data", "image_size", "channels", "classes", "class_names", "T", "schedule", "fourier", "cond", "latent",
         "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "temb_dim", "hidden", "layers")   # fixed by a ckpt
+KEYS = ("model", "ema", "opt")                                   # the state dicts a checkpoint holds
 
 
-def train(args, fail):
-    ddp = "RANK" in os.environ                                   # launched by torchrun
-    if ddp:
-        backend = "nccl" if pick_device(args.device) == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else pick_device(args.device)
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    torch.set_flush_denormal(True)                               # denormal floats make CPU steps ~10x slower
-    a = vars(args)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except ValueError as e:
-            fail(str(e))
-        a.update({k: ckpt["args"][k] for k in ARCH})             # the architecture comes from the checkpoint
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-
-    # data
-    try:
-        x, y, names = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
-    except ValueError as e:
-        fail(str(e))
+def train(args):
+    rank, world, device = data.setup_ddp(args.device)
+    data.seed_all(args.seed + rank)
+    ckpt = data.resume_or_refuse(args, "vdm", KEYS + ("rng",), ARCH)
+    ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
+    x, y, names = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
     a["channels"], a["class_names"] = 2 if data.is_2d(a["data"]) else x.shape[1], a.get("class_names") or names
     if a["cond"] and not a["class_names"]:
-        fail(f"--cond needs labelled image data; {a['data']} has no classes")
-    batches = data.batches(x, y, args.batch_size, flip=args.flip, seed=args.seed, device=device)
-    real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else x[:10]
+        raise ValueError(f"--cond needs labelled image data; {a['data']} has no classes")
 
-    # model, optimizer (AdamW as the paper; no weight decay on the schedule: it would pull gamma to 0), EMA
-    try:
-        model = build_model(a).to(device)
-        grid_labels(a, 1) if a["cond"] else None                 # reject a bad --labels before training
-    except ValueError as e:
-        fail(str(e))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    model = build_model(a).to(device)
+    grid_labels(a, 1) if a["cond"] else None                     # reject a bad --labels before training
+    ema = copy.deepcopy(model).requires_grad_(False).eval()      # sampling weights; eval(): no dropout
+    # AdamW as the paper; no weight decay on the schedule: it would pull gamma to 0
     groups = [dict(params=[p for n, p in model.named_parameters() if not n.startswith("gamma.")]),
               dict(params=list(model.gamma.parameters()), weight_decay=0.0)]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-    train_model = torch.compile(model) if args.compile else model
-    if ddp:
-        train_model = DDP(train_model, device_ids=[device] if backend == "nccl" else None)
+        data.load_states(ckpt, ckpt_path, model=model, ema=ema, opt=opt)
+    step = data.restore(ckpt, world)
+    batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
+    real = data.reference(a, x, y)
+    train_model = data.wrap_ddp(torch.compile(model) if args.compile else model, device)
+
     os.makedirs(args.out, exist_ok=True)
-
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(args.out, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, dict(method="vdm", model=model.state_dict(), ema=ema.state_dict(),
-                                        opt=opt.state_dict(), step=step, args=a))
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"vdm | data {a['data']} {tuple(x.shape)} | {n_params / 1e6:.2f}M params | device {device} x{world} "
-        f"| T {a['T']} {a['schedule']}{''.join(' ' + f for f in ('var_min', 'latent', 'cond') if a[f])} "
+    log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
+    log(f"vdm | data {a['data']} {tuple(x.shape)} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+        f"| device {device} x{world} | T {a['T']} {a['schedule']}"
+        f"{''.join(' ' + f for f in ('var_min', 'latent', 'cond') if a[f])} "
         f"| batch {args.batch_size} x{world} | steps {step}..{args.steps}")
-    t_log, t_start, step_start = time.time(), time.time(), step
     sums, n_sum, avg = torch.zeros(3, dtype=torch.float64), 0, [float("nan")] * 3
     while step < args.steps:
-        # lr: linear warm-up, then constant (the paper) or cosine decay to 0
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        if args.lr_schedule == "cosine":
-            lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = data.set_lr(opt, data.lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule))
         x0, y0 = next(batches)
         y = torch.where(torch.rand(len(y0), device=device) < args.p_uncond, -1, y0) if a["cond"] else None  # -1: null
         terms = train_model(to_int(a, x0), y, T=a["T"], var_min=args.var_min, dtype=args.dtype)
         loss = sum(v.mean() for v in terms)                      # the negative ELBO in bits/dim
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if not torch.isfinite(grad_norm):                        # identical on every rank (grads are all-reduced)
-            log(f"non-finite loss/gradient at step {step} (loss {loss.item():.4g}): stopping; "
-                f"the last good checkpoint is kept at {ckpt_path}")
-            sys.exit(1)
+        grad_norm = data.clip_grad(model, args.grad_clip)
         opt.step()
+        bad = data.diverged([loss], [grad_norm], [model])
+        if bad:
+            data.stop_diverged(log, step, bad, ckpt_path)
         step += 1
-        # EMA with warm-up: decay (1 + n) / (10 + n) early on, so a short run already samples well from it
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        data.ema_update(ema, model, args.ema, step)
         sums, n_sum = sums + torch.stack([v.detach().mean().double().cpu() for v in terms]), n_sum + 1
 
-        if time.time() - t_log > args.log_every or step == args.steps:
-            avg, rate = (sums / n_sum).tolist(), (step - step_start) / (time.time() - t_start)
-            eta, (g0, g1) = (args.steps - step) / max(rate, 1e-9), (v.item() for v in model.gamma.endpoints())
-            log(f"step {step:>7d}/{args.steps} | loss {sum(avg):.4f} bpd (recon {avg[0]:.4f} prior {avg[1]:.4f} "
-                f"diff {avg[2]:.4f}) | gamma {g0:.2f}..{g1:.2f} | lr {lr:.2e} | {rate:.2f} steps/s "
-                f"| eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            t_log, sums, n_sum = time.time(), torch.zeros(3, dtype=torch.float64), 0
-        if master and args.sample_every and step % args.sample_every == 0 and step < args.steps:
-            xs, labels, _, _ = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
-            save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real, labels)
-        if master and (step % args.ckpt_every == 0 or step == args.steps):
-            checkpoint()
+        if log.due(step):
+            avg, (g0, g1) = (sums / n_sum).tolist(), (v.item() for v in model.gamma.endpoints())
+            log.progress(step, f"loss {sum(avg):.4f} bpd (recon {avg[0]:.4f} prior {avg[1]:.4f} diff {avg[2]:.4f}) "
+                               f"| gamma {g0:.2f}..{g1:.2f} | lr {lr:.2e}")
+            sums, n_sum = torch.zeros(3, dtype=torch.float64), 0
+        if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
+            with log.paused():                                   # sampling is not training time
+                info = {}
+                xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype, info=info)
+                data.save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real, info["nrow"])
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+            data.save_checkpoint(ckpt_path, "vdm", step, a, model=model, ema=ema, opt=opt)
 
-    if master:
-        test = evaluate(a, ema, device, args.dtype, args.seed)
+    if rank == 0:
+        test = evaluate(ema, a, args.seed, args.dtype)
         log(" | ".join(f"{k} {v:.4f}" for k, v in test.items()) + " (bits/dim, EMA weights, test split)")
-        xs, labels, nfe, sec100 = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
-        save_samples(a, xs, os.path.join(args.out, "samples.png"), real, labels)
-        finish(a, xs, nfe, sec100, os.path.join(args.out, "metrics.json"), log,
-               dict(step=step, loss=sum(avg), recon=avg[0], prior=avg[1], diff=avg[2], **test), labels)
-    if ddp:
-        torch.distributed.destroy_process_group()
+        info = {}
+        xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype, info=info)
+        data.write_outputs(a, "vdm", xs, info, args.out, log,
+                           dict(step=step, loss=sum(avg), recon=avg[0], prior=avg[1], diff=avg[2], **test), real,
+                           save_npz_too=args.save_npz, labels=info["labels"], nrow=info["nrow"])
+    data.teardown_ddp()
 
 
-def finish(a, xs, nfe, sec100, path, log, extra, labels=None):
-    """Score the samples, print the final line and write metrics.json (the same keys in every method). Scores:
-    energy distance on 2-D data; legibility and class coverage under a classifier trained on the real images, and
-    for a conditional grid label_acc, the % of samples classified as the class asked for."""
-    scores = (data.score_2d(xs, a["data"], seed=a["seed"]) if data.is_2d(a["data"]) else
-              data.score_images(xs, a["data"], a["image_size"], a["data_dir"], a["classes"]))
-    if scores and labels is not None:                            # the same cached classifier score_images used
-        clf = data.classifier(a["data"], a["image_size"], a["data_dir"], tuple(map(str, a["classes"] or [])) or None)[0]
-        scores["label_acc"] = 100 * (clf(xs.clamp(-1, 1)).argmax(1) == labels).double().mean().item()
-    sampler = f"ancestral{a.get('sample_steps') or a['T'] or 1000}" + (f"_w{a['guidance']}" if a["cond"] else "")
-    m = dict(method="vdm", data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4),
-             n_samples=len(xs), **extra, **scores)
-    with open(path, "w") as f:
-        json.dump(m, f, indent=1)
-    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
-    log(f"done | {sampler} | NFE {nfe} per sample | {sec100:.2f} s per 100 samples" + (f" | {shown}" if shown else ""))
-
-
-def sample_only(args, fail):
-    """--sample-only (a grid, optionally an .npz) or --eval (test bits/dim) from a checkpoint's EMA weights."""
+def sample_only(args):
+    """--sample-only (a grid, optionally an .npz) or --eval (test bits/dim) from a checkpoint's EMA weights; the
+    sampler flags are this command's (their defaults, not the training run's)."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    try:
-        ckpt = load_checkpoint(path)
-        a = dict(ckpt["args"], sample_steps=args.sample_steps, guidance=args.guidance, labels=args.labels,
-                 seed=args.seed, data_dir=args.data_dir)
-        grid_labels(a, 1) if a["cond"] else None                 # a bad --labels fails here, not after loading
-    except ValueError as e:
-        fail(str(e))
-    if args.labels and not a["cond"]:
-        fail("--labels needs a conditional checkpoint (trained with --cond)")
-    device = pick_device(args.device)
-    torch.set_flush_denormal(True)
-    model = build_model(a).to(device)
-    model.load_state_dict(ckpt["ema"])
-    model.eval()
-    out = os.path.dirname(path) if args.ckpt and args.out == DEFAULT_OUT else args.out
-    os.makedirs(out, exist_ok=True)
+    model, cfg = load(path, data.pick_device(args.device))
+    cfg.update(sample_steps=args.sample_steps, guidance=args.guidance, labels=args.labels, seed=args.seed,
+               data_dir=args.data_dir)
+    if args.labels and not cfg["cond"]:
+        raise ValueError("--labels needs a conditional checkpoint (trained with --cond)")
+    grid_labels(cfg, 1) if cfg["cond"] else None                 # a bad --labels fails before anything is written
+    data.seed_all(args.seed)
+    out = data.sample_out(args, path, DEFAULT_OUT)
     if args.eval:
-        test = evaluate(a, model, device, args.dtype, args.seed)
-        print(" | ".join(f"{k} {v:.4f}" for k, v in test.items()) + f" (bits/dim, EMA weights, step {ckpt['step']})")
+        test = evaluate(model, cfg, args.seed, args.dtype)
+        print(" | ".join(f"{k} {v:.4f}" for k, v in test.items()) + f" (bits/dim, EMA weights, step {cfg['step']})")
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "metrics_eval.json"), "w") as f:
-            json.dump(dict(method="vdm", data=a["data"], step=ckpt["step"], **test), f, indent=1)
+            json.dump(dict(method="vdm", data=cfg["data"], step=cfg["step"], **test), f, indent=1)
         return test
-    n = args.n_samples or (2500 if data.is_2d(a["data"]) else 100)
-    xs, labels, nfe, sec100 = generate(a, model, n, device, args.dtype, args.seed)
-    tag = f"ancestral{a['sample_steps'] or a['T'] or 1000}"
-    real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else None
-    save_samples(a, xs, os.path.join(out, f"samples_{tag}.png"), real, labels)
-    if args.save_npz:                            # uint8 NHWC as improved-diffusion writes (+ labels as arr_1)
-        arr = xs if data.is_2d(a["data"]) else ((xs + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
-        tmp = os.path.join(out, f"samples_{tag}.tmp.npz")
-        np.savez(tmp, arr_0=arr.numpy(), **(dict(arr_1=labels.numpy()) if labels is not None else {}))
-        os.replace(tmp, os.path.join(out, f"samples_{tag}.npz"))
-    finish(a, xs, nfe, sec100, os.path.join(out, f"metrics_{tag}.json"), print, dict(step=ckpt["step"]), labels)
+    info, n = {}, args.n_samples or (2500 if data.is_2d(cfg["data"]) else 100)
+    xs = generate(model, cfg, n, args.seed, dtype=args.dtype, info=info)
+    data.write_outputs(cfg, "vdm", xs, info, out, print, dict(step=cfg["step"]), tag=info["sampler"],
+                       save_npz_too=args.save_npz, labels=info["labels"], nrow=info["nrow"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,69 +433,34 @@ def sample_only(args, fail):
 DEFAULT_OUT = "runs/vdm"
 # Training budgets that fit a laptop CPU (flags override them), with lr 1e-3 and cosine decay; the model-level
 # defaults are the paper's (its CIFAR-10 setting: README).
-DEFAULTS = {
-    "image": dict(steps=5000, batch_size=64, n_samples=100, sample_every=2500),
-    "2d": dict(steps=10000, batch_size=512, n_samples=2500, sample_every=5000),
-}
+_TRAIN = dict(lr=1e-3, warmup=100, lr_schedule="cosine", grad_clip=1.0, ema=0.9999)
+DEFAULTS = {"data": "glyphs", "lr_note": "; the paper's 2e-4", "warmup_note": " as in the paper",
+            "lr_schedule_note": "; the paper's constant",
+            "image": dict(_TRAIN, steps=5000, batch_size=64, n_samples=100, sample_every=2500),
+            "2d": dict(_TRAIN, steps=10000, batch_size=512, n_samples=2500, sample_every=5000)}
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="VDM (Kingma et al. 2021): bits/dim, learned gamma.", allow_abbrev=False)
-    # data
-    p.add_argument("--data", default="glyphs", help="glyphs | cifar10 | mnist | swirl | path to an image folder")
-    p.add_argument("--data-dir", default="./data", help="where cifar10/mnist are stored or downloaded")
-    p.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices)")
-    p.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips")
-    # diffusion
-    p.add_argument("--T", type=int, default=0, help="0: continuous-time loss (Sec. 5); N: discrete on N steps")
-    p.add_argument("--schedule", choices=["fixed", "scalar", "net"], default="scalar", help="gamma(t) (Sec. 3.2)")
-    p.add_argument("--var-min", action=argparse.BooleanOptionalAction, default=False,
+    p = data.Parser(description="VDM (Kingma et al. 2021): bits/dim, learned gamma.", allow_abbrev=False)
+    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | cifar10 | mnist | swirl | path to an image folder")
+    d = p.add_argument_group("diffusion and sampling")
+    d.add_argument("--T", type=int, default=0, help="0: continuous-time loss (Sec. 5); N: discrete on N steps")
+    d.add_argument("--schedule", choices=["fixed", "scalar", "net"], default="scalar", help="gamma(t) (Sec. 3.2)")
+    d.add_argument("--var-min", action=argparse.BooleanOptionalAction, default=False,
                    help="train the net schedule's interior to minimise the loss variance (Sec. 5.3)")
-    p.add_argument("--latent", action=argparse.BooleanOptionalAction, default=False, help="diffuse an encoder's latent")
-    p.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (+ null)")
-    p.add_argument("--p-uncond", type=float, default=0.2, help="with --cond: label dropout to the null class")
-    p.add_argument("--guidance", type=float, default=1.0, help="with --cond: w in (1 + w) eps(c) - w eps(null)")
-    p.add_argument("--labels", nargs="+", default=None, help="with --cond: the grid's classes, a row each")
-    p.add_argument("--sample-steps", type=int, default=None, help="ancestral steps (default T, 1000 if continuous)")
-    # model
-    p.add_argument("--ch", type=int, default=32, help="UNet base channels (and the --latent coder width)")
-    p.add_argument("--ch-mult", type=int, nargs="+", default=[1, 2, 2], help="UNet channel multiplier per level")
-    p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per UNet level")
-    p.add_argument("--attn-res", type=int, nargs="*", default=[], help="resolutions with self-attention, e.g. 16")
-    p.add_argument("--dropout", type=float, default=0.0, help="residual-block dropout (the paper's 0.1 on CIFAR-10)")
-    p.add_argument("--temb-dim", type=int, default=None, help="time-embedding width (default 4 * ch)")
-    p.add_argument("--hidden", type=int, default=512, help="2-D MLP width")
-    p.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers")
-    # training
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 5000 images, 10000 2-D)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch per process (default: 64 images, 512 2-D)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3; the paper's 2e-4)")
-    p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (the paper's 100)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="constant is the paper's")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the sampling weights")
-    # output and runtime
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for ckpt.pt, samples, log.txt, metrics.json")
-    p.add_argument("--n-samples", type=int, default=None, help="samples per grid / final evaluation")
-    p.add_argument("--sample-every", type=int, default=None, help="a sample grid every this many steps (0: end only)")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds between log lines")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.add_argument("--sample-only", action="store_true", help="only sample from a checkpoint (OUT/ckpt.pt or --ckpt)")
-    p.add_argument("--eval", action="store_true", help="only report a checkpoint's test-set bits/dim, term by term")
-    p.add_argument("--ckpt", default=None, help="checkpoint for --sample-only / --eval (default OUT/ckpt.pt)")
-    p.add_argument("--save-npz", action="store_true", help="with --sample-only: also save the samples as uint8 .npz")
-    p.add_argument("--seed", type=int, default=0, help="random seed (rank is added under DDP)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype of the network")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
+    d.add_argument("--latent", action=argparse.BooleanOptionalAction, default=False,
+                   help="diffuse an encoder's latent (the coder is --ch wide)")
+    d.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (+ null)")
+    d.add_argument("--p-uncond", type=float, default=0.2, help="with --cond: label dropout to the null class")
+    d.add_argument("--guidance", type=float, default=1.0, help="with --cond: w in (1 + w) eps(c) - w eps(null)")
+    d.add_argument("--labels", nargs="+", default=None, help="with --cond: the grid's classes, a row each")
+    d.add_argument("--sample-steps", type=int, default=None, help="ancestral steps (default T, 1000 if continuous)")
+    d.add_argument("--eval", action="store_true", help="only report a checkpoint's test-set bits/dim, term by term")
     return p
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
+    args = get_parser().parse_args(argv)
     checks = [(args.T < 0, "--T must be 0 (continuous time) or a number of steps >= 1"),
               (args.sample_steps is not None and args.sample_steps < 1, "--sample-steps must be at least 1"),
               (args.sample_only and args.eval, "--sample-only and --eval are separate modes: choose one"),
@@ -600,20 +471,18 @@ def main(argv=None):
                f"swirl, not {args.data}"),
               (args.latent and data.is_2d(args.data), "--latent needs image data (a conv encoder and decoder)"),
               (args.labels and not args.cond and not (args.sample_only or args.eval), "--labels needs --cond")]
-    for bad, msg in checks:
-        if bad:
-            parser.error(msg)
-    if args.sample_only or args.eval:
-        return sample_only(args, parser.error)
-    # Fourier features sin/cos(2^n pi z), n = 7, 8, resolve the 8-bit grid of images; a latent or 2-D point has none
-    args.fourier = [] if args.latent or data.is_2d(args.data) else [7, 8]
-    for k, v in DEFAULTS["2d" if data.is_2d(args.data) else "image"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k in ("steps", "batch_size", "n_samples", "ckpt_every"):
-        if getattr(args, k) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1")
-    train(args, parser.error)
+    try:
+        for bad, msg in checks:
+            if bad:
+                raise ValueError(msg)
+        if not (args.sample_only or args.eval):
+            data.apply_defaults(args, DEFAULTS)
+            # Fourier features sin/cos(2^n pi z), n = 7, 8, resolve the 8-bit grid of images; a latent or 2-D point: none
+            args.fourier = [] if args.latent or data.is_2d(args.data) else [7, 8]
+        data.check_args(args)
+        return sample_only(args) if args.sample_only or args.eval else train(args)
+    except ValueError as e:
+        data.die(f"vdm.py: error: {e}")
 
 
 if __name__ == "__main__":
