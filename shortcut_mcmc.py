@@ -27,14 +27,11 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from unet import MLP, UNet
@@ -81,10 +78,8 @@ def chain_times(T, K, how="random", generator=None):
     random: a fresh uniform subset; even: DDIM's spacing of K + 1 calls over {1..T} (so it ends at n = 1)."""
     if not 1 <= K <= T - 1:
         raise ValueError(f"--K must be between 1 and T-1 = {T - 1}, got {K}")
-    if how == "random":
-        n = (torch.randperm(T - 1, generator=generator)[:K] + 1).tolist()
-    else:
-        n = [round(T - i * (T - 1) / K) for i in range(1, K + 1)]
+    n = ((torch.randperm(T - 1, generator=generator)[:K] + 1).tolist() if how == "random" else
+         [round(T - i * (T - 1) / K) for i in range(1, K + 1)])
     return [T] + sorted(n, reverse=True)
 
 
@@ -101,13 +96,9 @@ def run_chain(model, z, times, T, renoise, clip=True, eps_fwd=None, dtype="float
         x0_hat = x0_hat.clamp(model.lo, model.hi) if clip else x0_hat    # the data's box (METHODS pitfall)
         if i + 1 == len(times):
             return x0_hat
-        if renoise == "eps_hat":                                 # DDIM eta = 0, eps consistent with the clipped x0_hat
-            noise = (z - alpha[i] * x0_hat) / sigma[i]
-        elif renoise == "forward":
-            noise = eps_fwd
-        else:
-            noise = torch.randn(z.shape, generator=generator, device=z.device)
-        z = alpha[i + 1] * x0_hat + sigma[i + 1] * noise
+        noise = ((z - alpha[i] * x0_hat) / sigma[i] if renoise == "eps_hat" else eps_fwd if renoise == "forward"
+                 else torch.randn(z.shape, generator=generator, device=z.device))  # eps_hat: DDIM eta = 0, eps
+        z = alpha[i + 1] * x0_hat + sigma[i + 1] * noise                           # consistent with the clipped x0_hat
 
 
 @torch.no_grad()
@@ -177,15 +168,7 @@ def losses(model, x0, cfg, use_fid):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plumbing: device, model, checkpoint (the same shape in every method file)
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
+# The model, and sampling from it
 def build_model(a):
     """MLP for swirl, the shared UNet for images; box and bin width: swirl's per-axis range and 1 / std of its
     8-bit steps, images [-1, 1] and 2 / 255."""
@@ -200,293 +183,177 @@ def build_model(a):
     return ShortcutVDM(net, lo.float(), hi.float(), bw.float())
 
 
-def save_checkpoint(path, obj):
-    """Write atomically: a crash mid-write never leaves a half-written ckpt.pt."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def sampler_name(cfg):
+    """The sampler in words, e.g. chain10_random_eps_hat or ancestral200 (file names and metrics.json)."""
+    return f"ancestral{cfg['T']}" if cfg["times"] == "ancestral" else f"chain{cfg['K']}_{cfg['times']}_{cfg['renoise']}"
 
 
-def load_checkpoint(path):
-    """Load a shortcut_mcmc checkpoint or raise ValueError with one clear line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != "shortcut_mcmc":
-        found = ckpt.get("method") if isinstance(ckpt, dict) else None
-        raise ValueError(f"{path} is not a shortcut_mcmc checkpoint (method: {found})")
-    return ckpt
-
-
-def sampler_name(a):
-    """The sampler in words, e.g. chain10_random_eps_hat or ancestral200."""
-    return f"ancestral{a['T']}" if a["times"] == "ancestral" else f"chain{a['K']}_{a['times']}_{a['renoise']}"
+def load(path, device="cpu"):
+    """(model, cfg) from a ckpt.pt: the EMA weights in eval mode on `device`, and the run's settings."""
+    ckpt = data.load_checkpoint(path, "shortcut_mcmc", ("ema",), ARCH + ("K", "times", "renoise", "clip_x0"))
+    model = build_model(ckpt["args"])
+    data.load_states(ckpt, path, ema=model)
+    return model.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
 
 
 @torch.no_grad()
-def generate(a, model, n, device, dtype="float32", seed=0, subset=0, how=None, K=None, batch=1024):
-    """n samples from fixed noise (seed), in batches; random chain times come from (seed, subset).
-    Returns (samples on cpu, NFE per sample, seconds per 100 samples)."""
-    how, K, T = how or a["times"], K or a["K"], a["T"]
-    shape = (2,) if data.is_2d(a["data"]) else (a["channels"], a["image_size"], a["image_size"])
-    times = None if how == "ancestral" else chain_times(T, K, how, torch.Generator().manual_seed(1000 * seed + subset))
-    b0 = min(batch, n)   # one untimed network call first: one-time set-up is not sampling time (every method)
-    model.eps_hat(torch.zeros((b0,) + shape, device=device), torch.zeros(b0, device=device), dtype)
+def generate(model, cfg, n=64, seed=0, times=None, K=None, renoise=None, clip_x0=None, subset=0, dtype="float32",
+             batch=1024, info=None):
+    """n samples from fixed noise (seed), in batches: the chain over K random (from (seed, subset)) or even times,
+    or VDM's ancestral sampler on all T; unset options come from cfg. `info` (a dict) receives the sampler's name,
+    NFE and seconds per 100 samples, timed after one untimed network call (set-up is not sampling time)."""
+    cfg = {**cfg, **{k: v for k, v in dict(times=times, K=K, renoise=renoise, clip_x0=clip_x0).items() if v is not None}}
+    device, T, how = next(model.parameters()).device, cfg["T"], cfg["times"]
+    shape = (2,) if data.is_2d(cfg["data"]) else (cfg["channels"], cfg["image_size"], cfg["image_size"])
+    chain = None if how == "ancestral" else chain_times(T, cfg["K"], how, torch.Generator().manual_seed(1000 * seed + subset))
+    model.eps_hat(torch.zeros((min(batch, n),) + shape, device=device), torch.zeros(min(batch, n), device=device), dtype)
     g, t0, out = torch.Generator(device).manual_seed(seed), time.time(), []
     for b in [(min(batch, n - i),) + shape for i in range(0, n, batch)]:
-        out.append((sample_ancestral(model, b, T, a["clip_x0"], g, device, dtype) if how == "ancestral" else
-                    sample_chain(model, b, times, T, a["renoise"], a["clip_x0"], g, device, dtype)).cpu())
-    return torch.cat(out), T if how == "ancestral" else len(times), 100 * (time.time() - t0) / n
+        out.append((sample_chain(model, b, chain, T, cfg["renoise"], cfg["clip_x0"], g, device, dtype) if chain else
+                    sample_ancestral(model, b, T, cfg["clip_x0"], g, device, dtype)).cpu())
+    if info is not None:
+        info.update(sampler=sampler_name(cfg), nfe=len(chain) if chain else T, sec_per_100=100 * (time.time() - t0) / n)
+    return torch.cat(out)
 
 
-def evaluate(a, model, device, dtype="float32", how=None, K=None, n=None):
+def evaluate(model, cfg, n=None, times=None, K=None, renoise=None, clip_x0=None, dtype="float32"):
     """Sample and score (energy distance for 2-D; legibility and class coverage under a classifier for labelled
-    images) over --eval-seeds noise seeds (x --subsets random time subsets for a random chain).
-    Returns (first samples, nfe, s per 100, scores with mean/std/min/max of the energy over all runs)."""
-    how = how or a["times"]
-    runs = [(s, j) for s in range(a["eval_seeds"]) for j in range(a["subsets"] if how == "random" else 1)]
-    runs = runs if data.is_2d(a["data"]) else runs[:1]           # images: one run (the classifier is slow)
-    first, all_scores = None, []
-    for s, j in runs:
-        xs, nfe, sec100 = generate(a, model, n or a["n_samples"], device, dtype, a["seed"] + s, j, how, K)
-        first = (xs, nfe, sec100) if first is None else first
-        all_scores.append(data.score_2d(xs, a["data"], seed=a["seed"]) if data.is_2d(a["data"]) else
-                          data.score_images(xs, a["data"], a["image_size"], a["data_dir"], a["classes"]))
+    images) over cfg's eval_seeds noise seeds (x subsets random time subsets for a random chain). Returns (the first
+    run's samples, info: its sampler, nfe, sec_per_100, and the scores, energy mean/std/min/max over all runs)."""
+    how, info = times or cfg["times"], {}
+    runs = [(s, j) for s in range(cfg["eval_seeds"]) for j in range(cfg["subsets"] if how == "random" else 1)]
+    xs = [generate(model, cfg, n or cfg["n_samples"], cfg["seed"] + s, how, K, renoise, clip_x0, j, dtype,
+                   info=None if info else info) for s, j in (runs if data.is_2d(cfg["data"]) else runs[:1])]
+    all_scores = [data.score(cfg, x) for x in xs]                # images: one run (the classifier is slow)
     scores = dict(all_scores[0])
     if "energy" in scores:
         e = torch.tensor([m["energy"] for m in all_scores], dtype=torch.float64)
         scores.update(energy=e.mean().item(), energy_std=e.std().item() if len(e) > 1 else 0.0,
                       energy_min=e.min().item(), energy_max=e.max().item(), runs=len(e))
-    return (*first, scores)
-
-
-def save_samples(a, x, path, real):
-    """A PNG grid of images (real row at the bottom) or a scatter of 2-D points over the real data."""
-    if data.is_2d(a["data"]):
-        data.save_scatter(x, path, a["data"], real=real)
-    else:
-        data.save_grid(x, path, real=real[:int(math.sqrt(len(x)))] if real is not None else None)
+    return xs[0], dict(info, scores=scores)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training: the VDM bound + lambda_fid * fidelity, in one flat step loop
+# Training: the VDM bound + lambda_fid * fidelity, in one flat step loop; the run plumbing is in data.py
 ARCH = ("data", "image_size", "channels", "classes", "box", "T", "ch", "ch_mult", "num_res_blocks", "attn_res",
         "dropout", "temb_dim", "hidden", "layers")   # what a checkpoint fixes
+KEYS = ("model", "ema", "opt", "rng")                            # what a checkpoint must hold to resume
 
 
-def train(args, fail, until=None):
+def train(args, until=None):
     """Train to --steps (or stop at step `until`, checkpointed, for --compare's shared warm-up)."""
-    ddp = "RANK" in os.environ                                   # launched by torchrun
-    if ddp:
-        backend = "nccl" if pick_device(args.device) == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        device = f"cuda:{os.environ['LOCAL_RANK']}" if backend == "nccl" else pick_device(args.device)
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    torch.set_flush_denormal(True)                               # denormal floats make CPU steps ~10x slower
-    a = vars(args)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except ValueError as e:
-            fail(str(e))
-        a.update({k: ckpt["args"][k] for k in ARCH})             # the architecture comes from the checkpoint
-    elif os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-
-    # data
-    try:
-        x, y, _ = data.load(args.data, "train", args.image_size, args.data_dir, args.classes, args.seed)
-    except ValueError as e:
-        fail(str(e))
-    a["channels"] = 2 if data.is_2d(args.data) else x.shape[1]
-    if data.is_2d(args.data) and not a.get("box"):               # swirl's box: the training range, 5% margin
+    rank, world, device = data.setup_ddp(args.device)
+    data.seed_all(args.seed + rank)
+    ckpt = data.resume_or_refuse(args, "shortcut_mcmc", KEYS, ARCH)
+    ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
+    x, y, _ = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
+    a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
+    if data.is_2d(a["data"]) and not a.get("box"):               # swirl's box: the training range, 5% margin
         lo, hi = x.min(0).values, x.max(0).values
         a["box"] = [(lo - 0.05 * (hi - lo)).tolist(), (hi + 0.05 * (hi - lo)).tolist()]
-    batches = data.batches(x, y, args.batch_size, flip=args.flip, seed=args.seed, device=device)
-    real = data.load(args.data, "test", seed=args.seed)[0] if data.is_2d(args.data) else x[:10]
 
     # model, optimizer (AdamW as VDM; no weight decay on the schedule), EMA
-    try:
-        model = build_model(a).to(device)
-    except ValueError as e:
-        fail(str(e))
+    model = build_model(a).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # sampling weights; eval(): no dropout
     groups = [dict(params=list(model.net.parameters())), dict(params=[model.b, model.w], weight_decay=0.0)]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-    train_model = torch.compile(model) if args.compile else model
-    if ddp:
-        train_model = DDP(train_model, device_ids=[device] if backend == "nccl" else None)
-    cfg = dict(T=args.T, K=args.K, renoise=args.renoise, clip=args.clip_x0, fidelity=args.fidelity,
-               fid_batch=args.fid_batch or args.batch_size, dtype=args.dtype)
+        data.load_states(ckpt, ckpt_path, model=model, ema=ema, opt=opt)
+    step = data.restore(ckpt, world)                             # every RNG as saved: the chain's times too
+    batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
+    real = data.reference(a, x, y)
+    train_model = data.wrap_ddp(torch.compile(model) if args.compile else model, device)
+    cfg = dict(a, clip=args.clip_x0)                             # what losses() reads: T, K, renoise, fidelity, ...
+
     os.makedirs(args.out, exist_ok=True)
-
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(args.out, "log.txt"), "a") as f:
-                f.write(msg + "\n")
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, dict(method="shortcut_mcmc", model=model.state_dict(), ema=ema.state_dict(),
-                                        opt=opt.state_dict(), step=step, args=a))
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"shortcut_mcmc | data {args.data} {tuple(x.shape)} | {n_params / 1e6:.2f}M params | device {device} x{world} "
-        f"| T {args.T} K {args.K} renoise {args.renoise} | lambda_fid {args.lambda_fid} ({args.fidelity}) from step "
-        f"{args.fid_start} every {args.fid_every} | batch {args.batch_size} x{world} | steps {step}..{args.steps}")
-    t_log, step_log, sums, n_sum, avg = time.time(), step, torch.zeros(4, dtype=torch.float64), 0, [float("nan")] * 4
+    log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
+    log(f"shortcut_mcmc | data {args.data} {tuple(x.shape)} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+        f"| device {device} x{world} | T {args.T} K {args.K} renoise {args.renoise} | lambda_fid {args.lambda_fid} "
+        f"({args.fidelity}) from step {args.fid_start} every {args.fid_every} | batch {args.batch_size} x{world} | steps "
+        f"{step}..{args.steps}")
+    sums, n_sum, avg = torch.zeros(4, dtype=torch.float64), 0, [float("nan")] * 4
     stop = args.steps if until is None else min(until, args.steps)
     while step < stop:
-        # lr: linear warm-up, then constant or cosine decay to 0
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        if args.lr_schedule == "cosine":
-            lr *= 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = data.set_lr(opt, data.lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule))
         x0, _ = next(batches)
         use_fid = args.lambda_fid > 0 and step >= args.fid_start and (step - args.fid_start) % args.fid_every == 0
         terms = train_model(x0, cfg, use_fid)
         loss = terms[0] + terms[1] + terms[2] + args.lambda_fid * terms[3]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # NaN grads are all-reduced to every rank
-            log(f"non-finite loss/gradient at step {step} (loss {loss.item():.4g}): stopping; "
-                f"the last good checkpoint is kept at {ckpt_path}")
-            sys.exit(1)
+        grad_norm = data.clip_grad(model, args.grad_clip)
         opt.step()
+        if bad := data.diverged([loss], [grad_norm], [model]):   # checked before anything can save this step
+            data.stop_diverged(log, step, bad, ckpt_path)
         step += 1
-        # EMA with warm-up: decay (1 + n) / (10 + n) early on, so a short run already samples well from it
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        data.ema_update(ema, model, args.ema, step)
         sums, n_sum = sums + torch.stack([v.detach().double().cpu() for v in terms]), n_sum + 1
+        if log.due(step) or step == stop:
+            avg, g0, g1 = (sums / n_sum).tolist(), model.b.item(), model.b.item() + model.w.abs().item()
+            log.progress(step, f"loss {sum(avg[:3]):.4f} nats/dim (diff {avg[0]:.4f} prior {avg[1]:.4f} recon "
+                         f"{avg[2]:.4f}) | fid {avg[3]:.4f} | gamma {g0:.2f}..{g1:.2f} | lr {lr:.2e}")
+            sums, n_sum = torch.zeros(4, dtype=torch.float64), 0
+        if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
+            with log.paused():                                   # sampling is not training time
+                xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype)
+                data.save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
+        if rank == 0 and (step % args.ckpt_every == 0 or step == stop):
+            data.save_checkpoint(ckpt_path, "shortcut_mcmc", step, a, model=model, ema=ema, opt=opt)
 
-        if time.time() - t_log > args.log_every or step == stop:
-            avg, rate = (sums / n_sum).tolist(), (step - step_log) / (time.time() - t_log)
-            eta = (stop - step) / max(rate, 1e-9)
-            g0, g1 = model.b.item(), model.b.item() + model.w.abs().item()
-            log(f"step {step:>7d}/{args.steps} | loss {sum(avg[:3]):.4f} nats/dim (diff {avg[0]:.4f} prior "
-                f"{avg[1]:.4f} recon {avg[2]:.4f}) | fid {avg[3]:.4f} | gamma {g0:.2f}..{g1:.2f} | lr {lr:.2e} "
-                f"| {rate:.2f} steps/s | eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            t_log, step_log, sums, n_sum = time.time(), step, torch.zeros(4, dtype=torch.float64), 0
-        if master and args.sample_every and step % args.sample_every == 0 and step < args.steps:
-            t_sample = time.time()
-            xs, _, _ = generate(a, ema, args.n_samples, device, args.dtype, args.seed)
-            save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
-            t_log += time.time() - t_sample                               # keep sampling out of steps/s
-        if master and (step % args.ckpt_every == 0 or step == stop):
-            checkpoint()
-
-    if master and step < args.steps:                             # stopped early (--compare's warm-up)
-        checkpoint()
-    elif master:
-        xs, nfe, sec100, scores = evaluate(a, ema, device, args.dtype)
-        save_samples(a, xs, os.path.join(args.out, "samples.png"), real)
-        finish(a, nfe, sec100, len(xs), scores, os.path.join(args.out, "metrics.json"), log,
-               dict(step=step, loss=sum(avg[:3]), diff=avg[0], prior=avg[1], recon=avg[2], fid=avg[3]))
-    if ddp:
-        torch.distributed.destroy_process_group()
-    return a, ema, real
+    if rank == 0 and step == args.steps:                         # not after --compare's warm-up (checkpointed)
+        xs, info = evaluate(ema, a, dtype=args.dtype)
+        data.write_outputs(a, "shortcut_mcmc", xs, info, args.out, log, dict(step=step, loss=sum(avg[:3]),
+                           diff=avg[0], prior=avg[1], recon=avg[2], fid=avg[3]), real, save_npz_too=args.save_npz)
+    data.teardown_ddp()
 
 
-def finish(a, nfe, sec100, n, scores, path, log, extra):
-    """Print the final line and write metrics.json (the same keys in every method)."""
-    sampler = sampler_name(a)
-    m = dict(method="shortcut_mcmc", data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4),
-             n_samples=n, **extra, **scores)
-    with open(path, "w") as f:
-        json.dump(m, f, indent=1)
-    shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
-    log(f"done | {sampler} | NFE {nfe} per sample | {sec100:.2f} s per 100 samples" + (f" | {shown}" if shown else ""))
-
-
-def sample_only(args, fail):
-    """Generate from a checkpoint without the training flags (EMA weights)."""
+def sample_only(args):
+    """--sample-only: load() and evaluate() a checkpoint's EMA weights, without the training flags."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
-    try:
-        ckpt = load_checkpoint(path)
-    except ValueError as e:
-        fail(str(e))
-    a = dict(ckpt["args"])
-    if args.times != "ancestral" and not 1 <= args.K <= a["T"] - 1:
-        fail(f"--K must be between 1 and the checkpoint's T-1 = {a['T'] - 1}")
-    a.update(K=args.K, times=args.times, renoise=args.renoise or a["renoise"], subsets=args.subsets,
-             eval_seeds=args.eval_seeds,
-             clip_x0=a["clip_x0"] if args.clip_x0 is None else args.clip_x0, seed=args.seed)
-    device = pick_device(args.device)
-    torch.set_flush_denormal(True)
-    model = build_model(a).to(device)
-    model.load_state_dict(ckpt["ema"])
-    model.eval()
-    out = os.path.dirname(path) if args.ckpt and args.out == DEFAULT_OUT else args.out
-    os.makedirs(out, exist_ok=True)
-    n = args.n_samples or (1024 if data.is_2d(a["data"]) else 100)
-    xs, nfe, sec100, scores = evaluate(a, model, device, args.dtype, n=n)
-    tag = sampler_name(a)
-    real = data.load(a["data"], "test", seed=a["seed"])[0] if data.is_2d(a["data"]) else None
-    save_samples(a, xs, os.path.join(out, f"samples_{tag}.png"), real)
-    if args.save_npz:                                            # uint8 NHWC, as improved-diffusion writes for FID tools
-        arr = xs if data.is_2d(a["data"]) else ((xs + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        tmp = os.path.join(out, f"samples_{tag}.tmp.npz")
-        np.savez(tmp, arr_0=arr.numpy())
-        os.replace(tmp, os.path.join(out, f"samples_{tag}.npz"))
-    finish(a, nfe, sec100, len(xs), scores, os.path.join(out, f"metrics_{tag}.json"), print, dict(step=ckpt["step"]))
+    model, cfg = load(path, data.pick_device(args.device))
+    cfg.update(seed=args.seed, subsets=args.subsets, eval_seeds=args.eval_seeds)
+    torch.set_flush_denormal(True)                               # as in training: denormals make CPU steps slow
+    n = args.n_samples or (1024 if data.is_2d(cfg["data"]) else 100)
+    xs, info = evaluate(model, cfg, n, args.times, args.K, args.renoise, args.clip_x0, args.dtype)
+    data.write_outputs(cfg, "shortcut_mcmc", xs, info, data.sample_out(args, path, DEFAULT_OUT), print,
+                       dict(step=cfg["step"]), tag=info["sampler"], save_npz_too=args.save_npz)
 
 
-def compare(args, fail):
+def compare(args):
     """The report's experiment: the baseline (lambda_fid 0) and the shortcut model share the diffusion-only warm-up
     (--fid-start steps, same seed), then each trains to --steps, with and without the fidelity loss; both are
     sampled with K random times (subsets x seeds), K evenly spaced ones, all T grid times and VDM's ancestral."""
     if "RANK" in os.environ:
-        fail("--compare trains two models one after the other in one process: run it without torchrun")
+        raise ValueError("--compare trains two models one after the other in one process: run it without torchrun")
     outs = {m: os.path.join(args.out, m) for m in ("baseline", "shortcut")}
     if any(os.path.exists(os.path.join(o, "ckpt.pt")) for o in outs.values()):
-        fail(f"{args.out} holds a --compare run already: choose another --out")
-    warm = argparse.Namespace(**dict(vars(args), lambda_fid=0.0, out=outs["baseline"]))
-    train(warm, fail, until=args.fid_start)                      # the shared warm-up, checkpointed
-    shutil.copytree(outs["baseline"], outs["shortcut"], dirs_exist_ok=True)
-    K, T, two_d = args.K, args.T, data.is_2d(args.data)
-    r0 = args.renoise                                            # rows: (label, times, K, renoise); K random with each
-    rows = [(f"K={K} random, {r}", "random", K, r) for r in [r0] + [r for r in ("eps_hat", "forward", "fresh") if r != r0]]
+        raise ValueError(f"{args.out} holds a --compare run already: choose another --out")
+    train(argparse.Namespace(**dict(vars(args), lambda_fid=0.0, out=outs["baseline"])), until=args.fid_start)
+    shutil.copytree(outs["baseline"], outs["shortcut"], dirs_exist_ok=True)      # the shared warm-up, checkpointed
+    K, T, r0, two_d = args.K, args.T, args.renoise, data.is_2d(args.data)      # rows: (label, times, K, renoise)
+    rows = [(f"K={K} random, {r}", "random", K, r) for r in dict.fromkeys([r0, "eps_hat", "forward", "fresh"])]
     rows += [(f"K={K} even, {r0}", "even", K, r0), (f"all {T} grid times, {r0}", "even", T - 1, r0),
              (f"ancestral {T}", "ancestral", None, r0)]
-    results, pics = {}, {}
+    head = ("| model | sampler | NFE | energy (mean +- std) | min..max | floor |" if two_d else
+            "| model | sampler | NFE | legible % | classes covered |")
+    results, pics, lines = {}, {}, [head, "|" + "---|" * (head.count("|") - 1)]
     for name, lam in (("baseline", 0.0), ("shortcut", args.lambda_fid)):
-        a, ema, real = train(argparse.Namespace(**dict(vars(args), lambda_fid=lam, out=outs[name], resume=True)), fail)
+        train(argparse.Namespace(**dict(vars(args), lambda_fid=lam, out=outs[name], resume=True)))
+        ema, cfg = load(os.path.join(outs[name], "ckpt.pt"), data.pick_device(args.device))
         for label, how, k, r in rows:
-            xs, nfe, sec100, sc = evaluate(dict(a, renoise=r), ema, pick_device(args.device), args.dtype, how, k)
-            results[f"{name} | {label}"], pics[name, label] = dict(nfe=nfe, sec_per_100=round(sec100, 4), **sc), xs
-    head = "| model | sampler | NFE | energy (mean +- std) | min..max | floor |" if two_d else \
-        "| model | sampler | NFE | legible % | classes covered |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+            pics[name, label], info = evaluate(ema, cfg, times=how, K=k, renoise=r, dtype=args.dtype)
+            results[f"{name} | {label}"] = dict(nfe=info["nfe"], sec_per_100=round(info["sec_per_100"], 4), **info["scores"])
     for key, r in results.items():
         lines.append(f"| {key} | {r['nfe']} | " + (f"{r['energy']:.4f} +- {r['energy_std']:.4f} (n={r['runs']}) | "
                      f"{r['energy_min']:.4f}..{r['energy_max']:.4f} | {r['energy_floor']:.4f} |" if two_d else
                      f"{r.get('legible', float('nan')):.1f} | {r.get('classes_covered', '-')} |"))
     print(f"\nshortcut MCMC vs baseline | {args.data} | T {T} | {args.steps} steps each, fidelity from step "
-          f"{args.fid_start} | renoise {args.renoise} | lambda_fid {args.lambda_fid} ({args.fidelity})\n" + "\n".join(lines))
+          f"{args.fid_start} | renoise {r0} | lambda_fid {args.lambda_fid} ({args.fidelity})\n" + "\n".join(lines))
     path = os.path.join(args.out, "compare.png")
     if two_d:
         data.save_scatter([pics[m, rows[i][0]] for i in (0, -2) for m in ("baseline", "shortcut")], path, args.data,
-                          real=real, titles=[f"baseline K={K}", f"shortcut K={K}", f"baseline all {T}", f"shortcut all {T}"])
+                          real=data.reference(cfg, None, None),
+                          titles=[f"baseline K={K}", f"shortcut K={K}", f"baseline all {T}", f"shortcut all {T}"])
     else:
         b, c = pics["baseline", rows[0][0]], pics["shortcut", rows[0][0]]        # side by side, a blank column between
         r = int(math.sqrt(min(len(b), len(c))))
@@ -504,96 +371,57 @@ def compare(args, fail):
 DEFAULT_OUT = "runs/shortcut_mcmc"
 # Training budgets that fit a laptop CPU (flags override them). The model-level defaults are the paper's:
 # T = 200, K = 10, VDM's learnable linear gamma from -13.3 to 5.0, AdamW betas (0.9, 0.99), weight decay 0.01.
-DEFAULTS = {
-    "image": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=100,
-                  sample_every=1500, fid_start=1500, fid_batch=16, clip_x0=True, renoise="eps_hat"),
-    "2d": dict(steps=4000, batch_size=512, lr=1e-3, warmup=100, lr_schedule="cosine", n_samples=1024,
-               sample_every=0, fid_start=3000, fid_batch=128, clip_x0=True, renoise="eps_hat"),
-}
+BOTH = dict(lr=1e-3, warmup=100, lr_schedule="cosine", grad_clip=1.0, ema=0.999, clip_x0=True, renoise="eps_hat")
+DEFAULTS = {"data": "swirl",
+            "image": dict(BOTH, steps=3000, batch_size=64, n_samples=100, sample_every=1500, fid_start=1500, fid_batch=16),
+            "2d": dict(BOTH, steps=4000, batch_size=512, n_samples=1024, sample_every=0, fid_start=3000, fid_batch=128)}
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Shortcut MCMC (Chen 2023): VDM sampled in K steps.", allow_abbrev=False)
-    # data
-    p.add_argument("--data", default="swirl", help="swirl | glyphs | cifar10 | mnist | path to an image folder")
-    p.add_argument("--data-dir", default="./data", help="where cifar10/mnist are stored or downloaded")
-    p.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices)")
-    p.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips")
-    # diffusion and the chain
-    p.add_argument("--T", type=int, default=200, help="grid of chain times t = n / T")
-    p.add_argument("--K", type=int, default=10, help="chain steps after t = 1 (K + 1 network calls), 1..T-1")
-    p.add_argument("--renoise", choices=["forward", "eps_hat", "fresh"], default=None, help="re-noise x0_hat with the "
+    p = data.Parser(description="Shortcut MCMC (Chen 2023): VDM sampled in K steps.", allow_abbrev=False)
+    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "swirl | glyphs | cifar10 | mnist | path to an image folder")
+    c = p.add_argument_group("diffusion and the chain")
+    c.add_argument("--T", type=int, default=200, help="grid of chain times t = n / T")
+    c.add_argument("--K", type=int, default=10, help="chain steps after t = 1 (K + 1 network calls), 1..T-1")
+    c.add_argument("--renoise", choices=["forward", "eps_hat", "fresh"], default=None, help="re-noise x0_hat with the "
                    "chain start's noise, DDIM's eps_hat, or new noise (default eps_hat; the checkpoint's when sampling)")
-    p.add_argument("--times", choices=["random", "even", "ancestral"], default="random", help="K random or even times, or all T")
-    p.add_argument("--subsets", type=int, default=5, help="random time subsets scored per noise seed")
-    p.add_argument("--eval-seeds", type=int, default=3, help="noise seeds scored in the final evaluation")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clip x0_hat to the data's box")
-    p.add_argument("--lambda-fid", type=float, default=1.0, help="weight of the fidelity loss (0: the VDM baseline)")
-    p.add_argument("--fidelity", choices=["l2", "energy"], default="energy", help="l2: the paper's ||x0 - x0_hat||^2 "
+    c.add_argument("--times", choices=["random", "even", "ancestral"], default="random", help="K random or even times, or all T")
+    c.add_argument("--subsets", type=int, default=5, help="random time subsets scored per noise seed")
+    c.add_argument("--eval-seeds", type=int, default=3, help="noise seeds scored in the final evaluation")
+    c.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clip x0_hat to the data's box")
+    f = p.add_argument_group("fidelity loss")
+    f.add_argument("--lambda-fid", type=float, default=1.0, help="weight of the fidelity loss (0: the VDM baseline)")
+    f.add_argument("--fidelity", choices=["l2", "energy"], default="energy", help="l2: the paper's ||x0 - x0_hat||^2 "
                    "from alpha_1 x0 + sigma_1 eps; energy (variant): energy distance of chain samples to the batch")
-    p.add_argument("--fid-start", type=int, default=None, help="diffusion-loss-only warm-up steps before the fidelity loss")
-    p.add_argument("--fid-every", type=int, default=1, help="add the fidelity loss every this many steps")
-    p.add_argument("--fid-batch", type=int, default=None, help="examples run through the chain (default: 128 2-D, 16 images)")
-    p.add_argument("--compare", action="store_true", help="train the baseline and the shortcut model, print the table")
-    # model
-    p.add_argument("--ch", type=int, default=32, help="UNet base channels")
-    p.add_argument("--ch-mult", type=int, nargs="+", default=[1, 2, 2], help="UNet channel multiplier per level")
-    p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per UNet level")
-    p.add_argument("--attn-res", type=int, nargs="*", default=[], help="resolutions with self-attention, e.g. 16")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
-    p.add_argument("--temb-dim", type=int, default=None, help="time-embedding width (default 4 * ch)")
-    p.add_argument("--hidden", type=int, default=512, help="2-D MLP width")
-    p.add_argument("--layers", type=int, default=3, help="2-D MLP hidden layers")
-    # training
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 3000 images, 4000 2-D)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch per process (default: 64 images, 512 2-D)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
-    p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None, help="after warm-up")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the sampling weights")
-    # output and runtime
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for ckpt.pt, samples, log.txt, metrics.json")
-    p.add_argument("--n-samples", type=int, default=None, help="samples per picture / evaluation run")
-    p.add_argument("--sample-every", type=int, default=None, help="save samples every this many steps (0: end only)")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every this many steps")
-    p.add_argument("--log-every", type=float, default=5.0, help="seconds between log lines")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
-    p.add_argument("--sample-only", action="store_true", help="only sample from a checkpoint (OUT/ckpt.pt or --ckpt)")
-    p.add_argument("--ckpt", default=None, help="checkpoint for --sample-only (default OUT/ckpt.pt)")
-    p.add_argument("--save-npz", action="store_true", help="with --sample-only: also save the samples as .npz")
-    p.add_argument("--seed", type=int, default=0, help="random seed (rank is added under DDP)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="autocast dtype of the network")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network")
+    f.add_argument("--fid-start", type=int, default=None, help="diffusion-only warm-up steps (default: 1500 images, 3000 2-D)")
+    f.add_argument("--fid-every", type=int, default=1, help="add the fidelity loss every this many steps")
+    f.add_argument("--fid-batch", type=int, default=None, help="examples run through the chain (default: 16 images, 128 2-D)")
+    f.add_argument("--compare", action="store_true", help="train the baseline and the shortcut model, print the table")
     return p
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
+    args = get_parser().parse_args(argv)
     checks = [(args.T < 2, "--T must be at least 2"),
               (not args.sample_only and not 1 <= args.K <= args.T - 1, f"--K must be between 1 and T-1 = {args.T - 1}"),
               (args.lambda_fid < 0, "--lambda-fid must be >= 0"),
               (args.fid_every < 1, "--fid-every must be at least 1"),
               ((args.fid_start or 0) < 0, "--fid-start must be >= 0"),
+              (args.fid_batch is not None and args.fid_batch < 1, "--fid-batch must be at least 1"),
               (min(args.subsets, args.eval_seeds) < 1, "--subsets and --eval-seeds must be at least 1"),
               (args.compare and (args.sample_only or args.resume), "--compare trains from scratch: drop --sample-only/--resume"),
               (data.is_2d(args.data) and args.data != "swirl", f"shortcut_mcmc's 2-D mode needs the 8-bit swirl "
                f"(its likelihood term needs the bin width): use --data swirl, not {args.data}")]
-    for msg in [msg for bad, msg in checks if bad][:1]:
-        parser.error(msg)
-    if args.sample_only:
-        return sample_only(args, parser.error)
-    args.box = None
-    for k, v in DEFAULTS["2d" if data.is_2d(args.data) else "image"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k in ("steps", "batch_size", "n_samples", "ckpt_every", "fid_batch"):
-        if getattr(args, k) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be at least 1")
-    return compare(args, parser.error) if args.compare else train(args, parser.error)
+    try:
+        for msg in [msg for bad, msg in checks if bad][:1]:
+            raise ValueError(msg)
+        if not args.sample_only:
+            data.apply_defaults(args, DEFAULTS)
+            args.box = None
+        data.check_args(args)
+        return sample_only(args) if args.sample_only else compare(args) if args.compare else train(args)
+    except ValueError as e:
+        data.die(f"shortcut_mcmc.py: error: {e}")
 
 
 if __name__ == "__main__":
