@@ -2,7 +2,8 @@
 
 Images come back as uint8 tensors (N, C, H, W) and are mapped to [-1, 1] only when batched, so a
 cached data set stays small. Built-in sets:
-  glyphs       ten digit classes drawn with Pillow's bundled font; no download, made in seconds
+  glyphs-mono  ten digit classes drawn white on black with Pillow's bundled font, 1 channel; no download
+  glyphs       the same digits in random colours on random backgrounds, 3 channels
   cifar10      CIFAR-10 from --data-dir: a torchvision copy, else cifar10-jpeg.tar.gz (read in place), else a download
   mnist        torchvision's MNIST, 1 channel (../shared/data holds a copy for offline use)
   stackedmnist three MNIST digits as the R, G, B channels, label 100 d_R + 10 d_G + d_B: 1000 modes
@@ -32,11 +33,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGE_SETS = ("glyphs", "cifar10", "mnist", "stackedmnist")  # anything else that is a directory is an image folder
+IMAGE_SETS = ("glyphs-mono", "glyphs", "cifar10", "mnist", "stackedmnist")  # anything else that is a directory is an image folder
 POINT_SETS = ("swirl", "25gaussians")
 LIMITS = {"25gaussians": 5.5, "swirl": 3.0}  # scatter axes are [-L, L]^2
 
@@ -100,23 +102,27 @@ def _shifted(ink, m):
     return out
 
 
-def _glyphs(n, size, rng):
-    """n RGB digit images (n, 3, size, size) uint8 and labels 0..9 (balanced, shuffled)."""
+def _glyphs(n, size, rng, mono=False):
+    """n RGB digit images (n, 3, size, size) uint8 and labels 0..9 (balanced, shuffled); mono=True: the same
+    digits (fonts, sizes, positions, weights) drawn white on black, one channel (n, 1, size, size)."""
     bank, boxes = _glyph_bank(size)
     y = rng.permutation(np.arange(n) % 10)
     k = rng.integers(0, bank.shape[0], n)  # ink height class
     weight = rng.integers(0, 2, n)  # regular or bold
     shift = rng.integers(0, _UP, (n, 2))  # sub-pixel position
     oy, ox = (rng.random((2, n)) * (size - boxes[k] + 1)).astype(int)  # whole box stays inside
-    fg, bg = rng.random((n, 3)), rng.random((n, 3))
-    luma = np.array([0.299, 0.587, 0.114])
-    while True:  # redraw colour pairs until the digit stands out (luminance difference >= 0.4)
-        bad = np.abs((fg - bg) @ luma) < 0.4
-        if not bad.any():
-            break
-        fg[bad], bg[bad] = rng.random((bad.sum(), 3)), rng.random((bad.sum(), 3))
+    if mono:
+        fg, bg = np.ones((n, 1)), np.zeros((n, 1))
+    else:
+        fg, bg = rng.random((n, 3)), rng.random((n, 3))
+        luma = np.array([0.299, 0.587, 0.114])
+        while True:  # redraw colour pairs until the digit stands out (luminance difference >= 0.4)
+            bad = np.abs((fg - bg) @ luma) < 0.4
+            if not bad.any():
+                break
+            fg[bad], bg[bad] = rng.random((bad.sum(), 3)), rng.random((bad.sum(), 3))
     m = bank.shape[-1]
-    x = np.empty((n, 3, size, size), np.uint8)
+    x = np.empty((n, fg.shape[1], size, size), np.uint8)
     for s in range(0, n, 4096):  # chunks keep the float canvas small
         i = np.arange(s, min(s + 4096, n))
         canvas = np.zeros((len(i), size + m, size + m), np.float32)
@@ -125,7 +131,7 @@ def _glyphs(n, size, rng):
         canvas[np.arange(len(i))[:, None, None], rows, cols] = bank[k[i], weight[i], y[i],
                                                                      shift[i, 0], shift[i, 1]]
         alpha = canvas[:, None, :size, :size]  # (B, 1, size, size)
-        img = bg[i, :, None, None] + alpha * (fg - bg)[i, :, None, None]  # (B, 3, size, size)
+        img = bg[i, :, None, None] + alpha * (fg - bg)[i, :, None, None]  # (B, C, size, size)
         x[i] = np.round(img * 255)
     return torch.from_numpy(x), torch.from_numpy(y).long()
 
@@ -200,20 +206,39 @@ def _torchvision(name, split, data_dir):
 
 
 def _folder(root, split, size):
-    """An image-folder tree as RGB uint8 (N, 3, size, size); root/train and root/test when present."""
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        root = os.path.join(root, split)
+    """An image-folder tree as uint8 (N, C, size, size): C = 1 when every image is grayscale, else 3 (RGB).
+    root/train and root/test are the splits when both exist; otherwise the class folders (under root/train, or
+    root itself) are split here: every 10th image of a class is the test split (all of them for a class of
+    fewer than 10 images, which then serves both splits)."""
+    train, test = (os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
+    hold_out = not (train and test)
+    root = os.path.join(root, "train" if hold_out and train else split if not hold_out else "")
     try:
         ds = torchvision.datasets.ImageFolder(root)  # only to list files and classes
     except (FileNotFoundError, OSError) as e:
         raise ValueError(f"cannot read image folder {root}: {e}") from None
-    imgs = [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
-            for p, _ in ds.samples]
+    samples = ds.samples
+    if hold_out:
+        by_class = {}
+        for p, c in samples:
+            by_class.setdefault(c, []).append((p, c))
+        samples = [s for c in sorted(by_class) for i, s in enumerate(by_class[c])
+                   if len(by_class[c]) < 10 or (i % 10 == 9) == (split == "test")]
+    imgs = []
+    for p, _ in samples:
+        try:
+            with Image.open(p) as img:
+                imgs.append(img.convert("L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {p}: {type(e).__name__}: {str(e)[:120]}") from None
+    mode = "L" if all(img.mode == "L" for img in imgs) else "RGB"     # a mixed folder becomes RGB throughout
+    imgs = [torch.from_numpy(np.array(img.convert(mode))).reshape(img.height, img.width, -1).permute(2, 0, 1)
+            for img in imgs]                                                       # (C, H, W) each
     if len({t.shape for t in imgs}) == 1:
         x = _fit(torch.stack(imgs), size)  # one batched resize when every image has the same shape
     else:
         x = torch.stack([_fit(t, size) for t in imgs])
-    return x, torch.tensor(ds.targets).long(), list(ds.classes)
+    return x, torch.tensor([c for _, c in samples]).long(), list(ds.classes)
 
 
 def _cifar_tarball(path, split, classes):
@@ -279,10 +304,10 @@ def _load(name, split, image_size, data_dir, classes, seed):
             raise ValueError(f"--classes applies to image data sets, not {name}")
         n = {"25gaussians": 100_000 if split == "train" else 2_500, "swirl": 1024}[name]
         return *_points(name, n, rng), []
-    if name == "glyphs":
+    if name in ("glyphs", "glyphs-mono"):
         if image_size < 8:
             raise ValueError(f"glyphs need an image size of at least 8, got {image_size}")
-        x, y = _glyphs(30_000 if split == "train" else 5_000, image_size, rng)
+        x, y = _glyphs(30_000 if split == "train" else 5_000, image_size, rng, mono=name == "glyphs-mono")
         names = [str(d) for d in range(10)]
     elif name == "stackedmnist":
         x, y, names = _stacked_mnist(split, data_dir, image_size, rng)
@@ -470,15 +495,27 @@ def _classifier(in_ch, size, k):
 
 
 def _junk(x):
-    """Images that show no single class, for the classifier's reject class: noise, blurred noise, flat colour,
-    and blends of two real images (x: a float batch in [-1, 1])."""
-    n = len(x)
-    noise = torch.rand_like(x) * 2 - 1
-    blurred = torch.nn.functional.avg_pool2d(noise, 3, 1, 1) * 2
+    """Images that show no single class, for the classifier's reject class (x: a float batch in [-1, 1]): noise,
+    blurred noise, flat colour, blends of two or four real images (what a collapsed or mode-averaging generator
+    draws), smooth low-frequency colour blobs at several scales, heavily blurred digits, and partial digits."""
+    n, C, H, W = x.shape
+    u = lambda *shape: torch.rand(*shape) * 2 - 1                                     # uniform in [-1, 1]
+    noise = u(n, C, H, W)
+    blurred = F.avg_pool2d(noise, 3, 1, 1) * 2
     flat = noise[:, :, :1, :1].expand_as(x)
-    blend = 0.5 * (x + x.roll(1, 0))
-    kind = torch.randint(0, 4, (n, 1, 1, 1))
-    return torch.where(kind == 0, noise, torch.where(kind == 1, blurred, torch.where(kind == 2, flat, blend))).clamp(-1, 1)
+    blend2 = 0.5 * (x + x.roll(1, 0))
+    blend4 = 0.25 * (x + x.roll(1, 0) + x.roll(2, 0) + x.roll(3, 0))
+    scale = torch.randint(0, 3, (n, 1, 1, 1))                                        # 2x2, 3x3 or 5x5 cells
+    blobs = sum(torch.where(scale == j, F.interpolate(u(n, C, k, k), size=(H, W), mode="bicubic",
+                                                       align_corners=False), 0.0) for j, k in enumerate((2, 3, 5)))
+    smeared = F.avg_pool2d(F.avg_pool2d(x, 5, 1, 2, count_include_pad=False), 5, 1, 2, count_include_pad=False)
+    rows, cols = torch.arange(H)[None, :, None], torch.arange(W)[None, None, :]
+    top, left = torch.randint(0, 2, (2, n, 1, 1))                                  # keep one random quadrant
+    keep = ((rows < H // 2) == top.bool()) & ((cols < W // 2) == left.bool())
+    partial = torch.where(keep[:, None], x, x[:, :, :1, :1])                        # the rest: background colour
+    kinds = [noise, blurred, flat, blend2, blend4, blobs.clamp(-1, 1), smeared, partial]
+    kind = torch.randint(0, len(kinds), (n, 1, 1, 1))
+    return sum(torch.where(kind == j, k, 0.0) for j, k in enumerate(kinds)).clamp(-1, 1)
 
 
 def _nuisance(x):
@@ -507,7 +544,7 @@ def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=3):
     x, y, names = load(name, "train", image_size, data_dir, classes)
     k = len(names)
     digest = hashlib.sha1(x.numpy().tobytes()).hexdigest()[:12]  # the cache follows the data, not its name
-    file = f"v3_{digest}_{len(names)}_{epochs}.pt"
+    file = f"v4_{digest}_{len(names)}_{epochs}.pt"
     caches = [os.path.join(d, "classifiers", file) for d in (data_dir, "./data")]
     cache = next((c for c in caches if os.path.isfile(c)), caches[0] if _writable(data_dir) else caches[1])
     net = _classifier(x.shape[1], image_size, k)
@@ -523,7 +560,7 @@ def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=3):
         for _ in range(epochs):
             for i in torch.randperm(len(x)).split(128):
                 xb = to_float(x[i])
-                junk = _junk(xb[: len(i) // (k + 1) + 1])
+                junk = _junk(xb[: len(i) // 6])                     # a seventh of each batch is junk
                 xb = _nuisance(xb)
                 xb, yb = torch.cat([xb, junk]), torch.cat([y[i], torch.full((len(junk),), k)])
                 loss = torch.nn.functional.cross_entropy(net(xb), yb)
@@ -734,8 +771,8 @@ def check_args(args):
                 bad(k, f"must be >= 0, got {v}")
         if getattr(args, "ema", None) is not None and not 0 <= args.ema < 1:
             bad("ema", f"must be in [0, 1), got {args.ema}")
-    if not (math.isfinite(args.log_every) and args.log_every > 0):
-        bad("log_every", "must be a positive number of seconds")
+    if not (math.isfinite(args.log_every) and args.log_every >= 0):
+        bad("log_every", "must be a number of seconds >= 0 (0: every step)")
     check_writable(args.out)
     pick_device(args.device)
 
@@ -869,7 +906,7 @@ def resume_or_refuse(args, method, keys, arch):
         if os.path.exists(path):
             raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another --out")
         return None
-    ckpt = load_checkpoint(path, method, keys, arch)
+    ckpt = load_checkpoint(path, method, (*keys, "rng"), arch)   # "rng": an exact resume needs every RNG's state
     vars(args).update({k: ckpt["args"][k] for k in arch})
     return ckpt
 
@@ -887,7 +924,7 @@ def restore(ckpt, world):
 
 
 # ---- the guard against a diverged update -----------------------------------------------------------------------
-EXPLODED = 1e6  # a weight this large is a blow-up, not learning (healthy weights here stay below ~100)
+EXPLODED = 1e3  # a weight this large is a blow-up, not learning (healthy weights stay below ~20; one Adam step moves ~lr)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from unet import MLP, Discriminator, UNet
+from unet import MLP, Discriminator, SmallDiscriminator, UNet
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,14 +85,17 @@ def sample_posterior(sched, x0, x_t, t, generator=None):
 # ----------------------------------------------------------------------------------------------------
 # Adversarial losses (Eqs. 5-6), on logits only: softplus(-l) = -log sigmoid(l), softplus(l) = -log(1 - sigmoid(l)),
 # finite for any logit (the report's sigmoid-then-log turned into -inf at |logit| ~ 17 and gave black images)
-def d_loss(real_logits, fake_logits):
-    """D: -log D(real) - log(1 - D(fake)) = softplus(-l_real) + softplus(l_fake), batch means."""
+def d_loss(real_logits, fake_logits, kind="softplus"):
+    """D: -log D(real) - log(1 - D(fake)) = softplus(-l_real) + softplus(l_fake), batch means (the paper's);
+    kind="hinge": relu(1 - l_real) + relu(1 + l_fake) (Lim & Ye 2017, the CPU recipe: D stays alive)."""
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
-def g_loss(fake_logits):
-    """G, non-saturating (Eq. 6 as implemented): -log D(fake) = softplus(-l_fake)."""
-    return F.softplus(-fake_logits).mean()
+def g_loss(fake_logits, kind="softplus"):
+    """G, non-saturating (Eq. 6 as implemented): -log D(fake) = softplus(-l_fake); with the hinge D: -l_fake."""
+    return -fake_logits.mean() if kind == "hinge" else F.softplus(-fake_logits).mean()
 
 
 def r1_penalty(real_logits, x_prev):
@@ -119,7 +122,7 @@ def sample(gen, sched, shape, nz, generator=None, device="cpu"):
 
 # ----------------------------------------------------------------------------------------------------
 # One training iteration (Alg. 1 of the paper's App.): a D step, then a G step, each with a fresh t, pair and z
-def d_step(gen, disc, D, opt_d, sched, x0, nz, r1_gamma=0.0, clip=0.0):
+def d_step(gen, disc, D, opt_d, sched, x0, nz, r1_gamma=0.0, clip=0.0, loss_kind="softplus"):
     """D: real pair (x_{t-1}, x_t) from the forward process vs fake pair (x_{t-1} ~ q(. | x_t, G(x_t, t, z)), x_t);
     with r1_gamma > 0 also (gamma / 2) R1 on the real x_{t-1}. As in the official code the R1 term is not scaled by
     the lazy interval (StyleGAN2 scales it), so the paper's gamma values mean the same here."""
@@ -131,7 +134,7 @@ def d_step(gen, disc, D, opt_d, sched, x0, nz, r1_gamma=0.0, clip=0.0):
         z = torch.randn(len(x0), nz, device=x0.device) if nz else None
         fake_prev = sample_posterior(sched, gen(x_t, t, z), x_t, t)
     fake_logits = disc(fake_prev, x_t, t)
-    loss = d_loss(real_logits, fake_logits)
+    loss = d_loss(real_logits, fake_logits, loss_kind)
     r1 = r1_penalty(real_logits, x_prev) if r1_gamma > 0 else torch.zeros((), device=x0.device)
     opt_d.zero_grad(set_to_none=True)
     (loss + r1_gamma / 2 * r1).backward()
@@ -141,13 +144,13 @@ def d_step(gen, disc, D, opt_d, sched, x0, nz, r1_gamma=0.0, clip=0.0):
                 r1=r1.detach()), norm
 
 
-def g_step(gen, disc, G, D, opt_g, sched, x0, nz, clip=0.0):
+def g_step(gen, disc, G, D, opt_g, sched, x0, nz, clip=0.0, loss_kind="softplus"):
     """G, non-saturating: -log D(x_{t-1} ~ q(. | x_t, G(x_t, t, z)), x_t) through a frozen D."""
     t = torch.randint(1, len(sched["beta"]) + 1, (len(x0),), device=x0.device)
     _, x_t = q_sample_pairs(sched, x0, t)
     z = torch.randn(len(x0), nz, device=x0.device) if nz else None
     D.requires_grad_(False)
-    loss = g_loss(disc(sample_posterior(sched, gen(x_t, t, z), x_t, t), x_t, t))
+    loss = g_loss(disc(sample_posterior(sched, gen(x_t, t, z), x_t, t), x_t, t), loss_kind)
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     D.requires_grad_(True)
@@ -176,9 +179,10 @@ def build_models(a, in_ch):
     G = UNet(in_ch=in_ch, ch=a["ch"], ch_mult=tuple(a["ch_mult"]), num_res_blocks=a["num_res_blocks"],
              attn_res=tuple(a["attn_res"]), dropout=a["dropout"], temb_dim=a["temb_dim"],
              image_size=a["image_size"], z_dim=nz, out_act="tanh", zero_init=False)
-    D = Discriminator(in_ch=2 * in_ch, ch=a["d_ch"] or a["ch"], ch_mult=tuple(a["ch_mult"]), num_res_blocks=1,
-                      image_size=a["image_size"])
-    return G, D
+    if a["disc"] == "small":   # the CPU recipe's D (a deviation; --disc paper is the paper's)
+        return G, SmallDiscriminator(in_ch=2 * in_ch, ch=a["d_ch"] or 32, image_size=a["image_size"])
+    return G, Discriminator(in_ch=2 * in_ch, ch=a["d_ch"] or a["ch"], ch_mult=tuple(a["ch_mult"]), num_res_blocks=1,
+                            image_size=a["image_size"])
 
 
 def gen_fn(G, T, dtype):
@@ -231,7 +235,7 @@ def generate(G, cfg, n=64, seed=0, dtype="float32", batch=500, info=None):
 # ----------------------------------------------------------------------------------------------------
 # Training: d_step then g_step per iteration, in one flat loop; the run plumbing is in data.py
 ARCH = ("data", "image_size", "channels", "classes", "T", "beta_min", "beta_max", "nz", "no_z", "ch", "ch_mult",
-        "num_res_blocks", "attn_res", "dropout", "temb_dim", "d_ch", "hidden", "layers")   # what a checkpoint fixes
+        "num_res_blocks", "attn_res", "dropout", "temb_dim", "disc", "d_ch", "hidden", "layers")   # what a checkpoint fixes
 KEYS = ("G", "D", "ema", "opt_G", "opt_D")
 
 
@@ -270,8 +274,10 @@ def train(args):
         lr_d = data.set_lr(opt_d, data.lr_at(step, args.steps, args.lr_d, args.warmup, args.lr_schedule, args.lr_min))
         x0, _ = next(batches)
         reg = args.lazy_reg > 0 and step % args.lazy_reg == 0    # R1 on every --lazy-reg-th step
-        s, norm_d = d_step(gen, disc, D, opt_d, sched, x0, nz, args.r1_gamma if reg else 0.0, args.grad_clip)
-        s["g"], norm_g = g_step(gen, disc, G, D, opt_g, sched, x0, nz, args.grad_clip)
+        for k in range(args.d_steps):                            # the paper: 1; the CPU recipe: 2
+            s, norm_d = d_step(gen, disc, D, opt_d, sched, x0, nz, args.r1_gamma if reg and k == 0 else 0.0,
+                               args.grad_clip, args.loss)
+        s["g"], norm_g = g_step(gen, disc, G, D, opt_g, sched, x0, nz, args.grad_clip, args.loss)
         bad = data.diverged([s["d"], s["g"]], [norm_d, norm_g], [G, D])
         if bad:
             data.stop_diverged(log, step, bad, ckpt_path)
@@ -317,12 +323,14 @@ DEFAULT_OUT = "runs/ddgan"
 # Training budgets that fit a laptop CPU (flags override them). The model-level defaults (T = 4, the VP betas,
 # nz = 100, Adam (0.5, 0.9), R1 every 15 steps, EMA 0.9999) are the paper's; its CIFAR-10 run is in the README.
 DEFAULTS = {
-    "data": "glyphs", "ema_note": "; the paper's 0.9999", "lr_schedule_note": "; the paper's cosine",
+    "data": "glyphs-mono", "ema_note": "; the paper's 0.9999", "lr_schedule_note": "; the paper's cosine",
     "steps_note": "; each one D and one G step", "grad_clip_note": "; the paper: off",
-    "image": dict(steps=3000, batch_size=64, lr_g=1.6e-4, lr_d=1.25e-4, r1_gamma=0.02, lazy_reg=15, ema=0.9999,
-                  warmup=0, lr_schedule="cosine", grad_clip=0.0, n_samples=100, sample_every=500),
+    "image": dict(steps=3000, batch_size=64, lr_g=2e-4, lr_d=2e-4, r1_gamma=0.0, lazy_reg=15, ema=0.9999,
+                  warmup=0, lr_schedule="constant", grad_clip=0.0, n_samples=100, sample_every=500,
+                  disc="small", loss="hinge", d_steps=2),
     "2d": dict(steps=32000, batch_size=256, lr_g=5e-4, lr_d=1e-3, r1_gamma=0.04, lazy_reg=4, ema=0.999,
-               warmup=0, lr_schedule="cosine", grad_clip=0.0, n_samples=2500, sample_every=4000),
+               warmup=0, lr_schedule="cosine", grad_clip=0.0, n_samples=2500, sample_every=4000,
+               disc="paper", loss="softplus", d_steps=1),
 }
 
 
@@ -330,7 +338,11 @@ def get_parser():
     p = data.Parser(description="DDGAN (Xiao et al. 2022): denoising diffusion GANs.", allow_abbrev=False)
     _, model, training, _ = data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | cifar10 | mnist | stackedmnist "
                                                  "| swirl | 25gaussians | path to an image folder", hidden=256, g=" of G")
-    model.add_argument("--d-ch", type=int, default=None, help="base channels of D (default: --ch)")
+    p.set_defaults(ch=16)                                        # a small G: steps per second matter more on a CPU
+    model.add_argument("--disc", choices=["small", "paper"], default=None, help="D for images: small, a spectrally "
+                       "normalised 3-conv D (default; a deviation for CPU budgets) or paper, the paper's residual D "
+                       "with the time embedding in every block and minibatch std")
+    model.add_argument("--d-ch", type=int, default=None, help="base channels of D (default: 32 small, --ch paper)")
     training.add_argument("--lr", type=float, default=None, help="set both --lr-g and --lr-d")
     training.add_argument("--lr-g", type=float, default=None, help="G's peak learning rate (default: 1.6e-4 images "
                           "as the paper's, 5e-4 2-D)")
@@ -343,6 +355,11 @@ def get_parser():
     d.add_argument("--beta-max", type=float, default=20.0, help="VP schedule b_max")
     d.add_argument("--nz", type=int, default=100, help="latent z dimension of the generator")
     d.add_argument("--no-z", action="store_true", help="ablation: no latent, a unimodal denoiser")
+    d.add_argument("--loss", choices=["hinge", "softplus"], default=None, help="adversarial loss: softplus on logits "
+                   "with the non-saturating G loss (the paper's) or hinge (default for images: a deviation that keeps "
+                   "D alive in a short run)")
+    d.add_argument("--d-steps", type=int, default=None, help="D updates per G update (the paper's 1; default 2 for "
+                   "images, a deviation)")
     d.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma (default 0.02 images as the paper's "
                    "CIFAR-10, 0.04 2-D)")
     d.add_argument("--lazy-reg", type=int, default=None, help="apply R1 every this many steps (0: never; default "

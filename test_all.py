@@ -7,10 +7,13 @@ import copy
 import json
 import math
 import os
+import random
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -967,12 +970,12 @@ def test_ddgan_smoke_image_no_z(tmp_path):
 
 
 def test_ddgan_resume_restores_both_networks_and_optimizers(tmp_path):
-    out = str(tmp_path / "res")
-    ddgan.main(_small_image_flags(out, steps=2))
+    out, paper = str(tmp_path / "res"), ["--disc", "paper", "--d-steps", "1", "--loss", "softplus"]
+    ddgan.main(_small_image_flags(out, steps=2) + paper)
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["step"] == 2 and ck["opt_G"]["state"] and ck["opt_D"]["state"]
     with pytest.raises(SystemExit) as e:                                   # no silent overwrite
-        ddgan.main(_small_image_flags(out, steps=4))
+        ddgan.main(_small_image_flags(out, steps=4) + paper)
     assert e.value.code == 2
     # resume: spy on the first two optimizer steps (D's, then G's) to see what the resumed run started from
     seen = []
@@ -986,7 +989,7 @@ def test_ddgan_resume_restores_both_networks_and_optimizers(tmp_path):
 
     torch.optim.Adam.step = spy
     try:
-        ddgan.main(_small_image_flags(out, steps=4) + ["--resume"])
+        ddgan.main(_small_image_flags(out, steps=4) + paper + ["--resume"])
     finally:
         torch.optim.Adam.step = orig
     for (opt_state, params), net, opt in zip(seen, ("D", "G"), ("opt_D", "opt_G")):
@@ -1243,20 +1246,42 @@ def test_frechet_matches_closed_form_for_two_gaussians():
 
 # ---- classifier features -----------------------------------------------------------------------------
 def test_classifier_accuracy_and_features(tmp_path, monkeypatch):
-    """glyphs 8x8, 1 epoch: the classifier reads real test digits (>= 90%; measured 97%), and in its penultimate
+    """glyphs-mono 8x8, 2 epochs: the classifier reads real test digits (>= 95%), and in its penultimate
     features real test images lie far closer to real training images than noise does."""
-    net, acc, names = data.classifier("glyphs", 8, str(tmp_path), None, 1)
-    assert acc >= 90 and len(names) == 10
-    monkeypatch.setattr(data, "classifier", lambda *args, **kw: (net, acc, names))  # features() of this net
-    real, train = data.load("glyphs", "test", 8)[0][:500], data.load("glyphs", "train", 8)[0][:500]
-    f_real = data.features(real, "glyphs", 8, str(tmp_path))                # uint8 in, as well as [-1, 1]
-    assert f_real.shape == (500, 128) and torch.equal(f_real, data.features(data.to_float(real), "glyphs", 8))
-    floor = data.frechet(data.features(train, "glyphs", 8), f_real)
-    noise = data.frechet(data.features(torch.rand(500, 3, 8, 8) * 2 - 1, "glyphs", 8), f_real)
+    name = "glyphs-mono"
+    net, acc, names = data.classifier(name, 8, str(tmp_path), None, 2)
+    assert acc >= 95 and len(names) == 10
+    monkeypatch.setattr(data, "classifier", lambda *args, **kw: (net, acc, names))  # score_images(), features()
+    real, train = data.load(name, "test", 8)[0][:500], data.load(name, "train", 8)[0][:500]
+    f_real = data.features(real, name, 8, str(tmp_path))                   # uint8 in, as well as [-1, 1]
+    assert f_real.shape == (500, 128) and torch.equal(f_real, data.features(data.to_float(real), name, 8))
+    floor = data.frechet(data.features(train, name, 8), f_real)
+    noise = data.frechet(data.features(torch.rand(500, 1, 8, 8) * 2 - 1, name, 8), f_real)
     assert noise > 20 * floor
+    # legibility: real digits count, smooth blobs (made differently from the reject class's) and mode averages do not
+    assert data.score_images(data.to_float(real), name, 8)["legible"] > 95
+    g = torch.Generator().manual_seed(0)
+    for sigma in (1.0, 1.5, 2.5):
+        k = torch.exp(-torch.arange(-6.0, 7.0) ** 2 / (2 * sigma ** 2))
+        k = (k / k.sum()).view(1, 1, 1, -1)
+        z = torch.randn(500, 1, 20, 20, generator=g)
+        z = F.conv2d(F.conv2d(z, k), k.transpose(2, 3))[:, :, :8, :8]       # Gaussian-smoothed noise, 8x8
+        blobs = (z / z.flatten(1).std(1).view(-1, 1, 1, 1) * 0.7).clamp(-1, 1)
+        assert data.score_images(blobs, name, 8)["legible"] < 5, sigma
+    average = sum(data.to_float(real).roll(i, 0) for i in range(6)) / 6     # what a mode-averaging G draws
+    assert data.score_images(average, name, 8)["legible"] < 5
     ro = tmp_path / "ro"                                                 # a read-only --data-dir (../shared/data)
     ro.mkdir(mode=0o555)                                                 # keeps its classifier cache in ./data
     assert not data._writable(str(ro)) and data._writable(str(tmp_path))
+
+
+def test_glyphs_mono_is_the_same_digits_in_one_channel():
+    x, y, _ = data.load("glyphs-mono", "test", 16)
+    xc, yc, _ = data.load("glyphs", "test", 16)
+    assert x.shape == (5000, 1, 16, 16) and torch.equal(y, yc)
+    assert x.flatten(1).min(1).values.max() == 0 and x.flatten(1).max(1).values.min() > 200     # white on black
+    ink, ink_c = x[:, 0] > 127, (xc.float() - xc[:, :, :1, :1].float()).abs().amax(1) > 64   # the same pixels lit
+    assert (ink == ink_c).float().mean() > 0.97
 
 
 # ---- real data sets ------------------------------------------------------------------------------
@@ -1325,3 +1350,214 @@ def test_trilemma_skips_a_missing_method_file(tmp_path, monkeypatch, capsys):
                           "--out", str(tmp_path)]) == 1                  # no method ran: exit 1, the table says why
     assert "no_such_method.py is missing" in capsys.readouterr().out
     assert "no_such_method.py is missing" in (tmp_path / "table.md").read_text()
+
+
+# ====================================================================================================
+# The shared run plumbing (data.py): bad input is one line and exit 2 with nothing touched, a diverged
+# update never reaches ckpt.pt, --resume continues bit-exactly, and kill -9 never leaves a torn checkpoint
+
+SCRIPTS = {"ddpm": ddpm.main, "vdm": vdm.main, "ddgan": ddgan.main, "shortcut_mcmc": sm.main}
+TRAIN_FLAGS = {  # a tiny image run of each script, a couple of seconds
+    "ddpm": [*TINY_UNET, "--T", 10],
+    "vdm": [*TINY_UNET, "--sample-steps", 3],
+    "ddgan": [*TINY_UNET, "--T", 2, "--nz", 4],
+    "shortcut_mcmc": [*TINY_UNET, "--T", 10, "--K", 2, "--eval-seeds", 1, "--subsets", 1, "--fid-start", 1,
+                      "--fid-batch", 4],
+}
+
+
+def _train_argv(script, folder, out, steps=2, extra=()):
+    return ["--data", folder, *TRAIN_FLAGS[script], "--steps", steps, "--n-samples", 4, "--sample-every", 0,
+            "--out", out, *extra]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_folder):
+    """One tiny trained run folder per script (ckpt.pt, log.txt, samples.png, metrics.json)."""
+    root = tmp_path_factory.mktemp("trained")
+    for script, main in SCRIPTS.items():
+        assert main_exit(main, _train_argv(script, tiny_folder, root / script)) == 0
+    return root
+
+
+def _snapshot(folder):
+    """Every file under folder -> its bytes (None when the folder does not exist)."""
+    if not os.path.exists(folder):
+        return None
+    if os.path.isfile(folder):
+        return open(folder, "rb").read()
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def _edit_ckpt(path, change):
+    ck = torch.load(path, weights_only=True)
+    change(ck)
+    torch.save(ck, path)
+
+
+def _wrong_shape(states):
+    name = next(k for k, v in states.items() if v.dim() == 4)
+    states[name] = torch.cat([states[name], states[name]], 0)
+
+
+def _fault(name, script, tmp, trained, tiny):
+    """(argv, out folder) for one bad input; the folder holds what the command must leave untouched."""
+    out, run = tmp / "out", lambda *extra, steps=2: _train_argv(script, tiny, tmp / "out", steps, extra)
+    state = "ema"                                                  # every script samples from its EMA weights
+    other = "ddpm" if script != "ddpm" else "vdm"
+    if name.endswith(("truncated", "bytes", "method", "key", "shape", "args")) or name in (
+            "overwrite", "n-samples-0", "n-samples-neg"):
+        shutil.copytree(trained / script, out)
+    ckpt = out / "ckpt.pt"
+    if name.endswith("truncated"):
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    if name.endswith("bytes"):
+        ckpt.write_bytes(np.random.default_rng(0).bytes(5000))
+    if name.endswith("method"):
+        shutil.copy(trained / other / "ckpt.pt", ckpt)
+    if name.endswith("key"):
+        _edit_ckpt(ckpt, lambda ck: ck.pop(state))
+    if name.endswith("shape"):
+        _edit_ckpt(ckpt, lambda ck: _wrong_shape(ck[state]))
+    if name.endswith("args"):
+        _edit_ckpt(ckpt, lambda ck: ck["args"].pop("channels"))
+    sample = ["--sample-only", "--out", out, "--n-samples", 4]
+    if name.startswith("resume-"):
+        return run("--resume", steps=4)
+    if name.startswith("sample-"):
+        return sample
+    folder = tmp / "folder"
+    if name in ("corrupt-image", "non-image-file"):
+        shutil.copytree(tiny, folder)
+        (folder / "red" / "broken.png").write_bytes(b"not a png" if name == "corrupt-image" else b"\x00" * 64)
+        return ["--data", folder, *_train_argv(script, tiny, out)[2:]]
+    if name in ("out-is-file", "out-under-file"):
+        (tmp / "file").write_text("keep me")
+        target = tmp / "file" if name == "out-is-file" else tmp / "file" / "sub"
+        return _train_argv(script, tiny, target)
+    table = {
+        "overwrite": run(), "n-samples-0": sample[:-1] + [0], "n-samples-neg": sample[:-1] + [-5],
+        "lr-nan": run("--lr", "nan"), "lr-negative": run("--lr", -1e-3), "lr-zero": run("--lr", 0),
+        "image-size-0": run("--image-size", 0), "image-size-neg": run("--image-size", -4),
+        "device-cuda": run("--device", "cuda"), "device-mps": run("--device", "mps"),
+        "steps-0": run(steps=0), "batch-0": run("--batch-size", 0), "ckpt-every-0": run("--ckpt-every", 0),
+        "unknown-data": ["--data", "no_such_set", "--out", out], "unknown-flag": run("--no-such-flag"),
+        "bad-choice": run("--device", "tpu"), "not-a-number": run("--steps", "many"),
+        "T-0": run("--T", 1 if script == "shortcut_mcmc" else -1 if script == "vdm" else 0),
+        "unknown-class": run("--classes", "purple"), "log-every-neg": run("--log-every", -1),
+        "ema-1.5": run("--ema", 1.5), "grad-clip-neg": run("--grad-clip", -1),
+        "sample-every-neg": run("--sample-every", -1), "warmup-neg": run("--warmup", -5),
+    }
+    return table[name]
+
+
+FAULTS = ["resume-missing", "resume-truncated", "resume-random-bytes", "resume-other-method", "resume-lacks-key",
+          "resume-wrong-shape", "resume-lacks-args", "sample-missing", "sample-truncated", "sample-random-bytes",
+          "sample-other-method", "sample-lacks-key", "sample-wrong-shape", "sample-lacks-args", "overwrite",
+          "n-samples-0", "n-samples-neg", "lr-nan", "lr-negative", "lr-zero", "image-size-0", "image-size-neg",
+          "out-is-file", "out-under-file", "device-cuda", "device-mps", "steps-0", "batch-0", "ckpt-every-0",
+          "unknown-data", "unknown-flag", "bad-choice", "not-a-number", "T-0", "unknown-class", "log-every-neg",
+          "ema-1.5", "grad-clip-neg", "sample-every-neg", "warmup-neg", "corrupt-image", "non-image-file"]
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("fault", FAULTS)
+def test_plumbing_fault_table(fault, script, tmp_path, trained, tiny_folder, capsys):
+    """Each bad input: exit code 2, one line on stderr (no traceback), every file in --out byte-identical."""
+    if fault == "device-cuda" and torch.cuda.is_available() or fault == "device-mps" and torch.backends.mps.is_available():
+        pytest.skip("the device exists here")
+    argv = _fault(fault, script, tmp_path, trained, tiny_folder)
+    before = {p: _snapshot(tmp_path / p) for p in ("out", "file")}
+    capsys.readouterr()
+    code = main_exit(SCRIPTS[script], argv)
+    err = capsys.readouterr().err
+    assert code == 2, (fault, code, err)
+    lines = [s for s in err.splitlines() if s.strip()]
+    assert len(lines) == 1 and "Traceback" not in err and "error" in lines[0], err
+    assert {p: _snapshot(tmp_path / p) for p in ("out", "file")} == before
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_plumbing_diverged_update_never_reaches_the_checkpoint(script, tmp_path, trained, tiny_folder, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(trained / script, out)
+    before = (out / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    code = main_exit(SCRIPTS[script], _train_argv(script, tiny_folder, out, 6, ["--resume", "--lr", 1e6,
+                                                                               "--ckpt-every", 1]))
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "diverged" in err and "kept" in err, err
+    assert (out / "ckpt.pt").read_bytes() == before
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for k in ("ema",) for v in ck[k].values() if v.is_floating_point())
+    # a blow-up before the first save says that no checkpoint was written, and writes none
+    fresh = tmp_path / "fresh"
+    assert main_exit(SCRIPTS[script], _train_argv(script, tiny_folder, fresh, 6, ["--lr", 1e6])) == 1
+    assert "no checkpoint was written" in capsys.readouterr().err and not (fresh / "ckpt.pt").exists()
+
+
+RESUME_FLAGS = {  # constant lr; images with flips and dropout for ddpm, so data order, flips and RNG all matter
+    "ddpm": ["--lr-schedule", "constant", "--flip", "--dropout", 0.1, "--batch-size", 6],
+    "vdm": ["--lr-schedule", "constant", "--batch-size", 6],
+    "ddgan": ["--lr-schedule", "constant", "--lazy-reg", 2, "--r1-gamma", 0.1, "--batch-size", 6],
+    "shortcut_mcmc": ["--lr-schedule", "constant", "--batch-size", 6],
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_plumbing_resume_is_bit_exact(script, tmp_path, tiny_folder):
+    """train to 6 == train to 3, stop, --resume to 6: every parameter and EMA weight identical (max |diff| = 0)."""
+    main = SCRIPTS[script]
+    assert main_exit(main, _train_argv(script, tiny_folder, tmp_path / "full", 6, RESUME_FLAGS[script])) == 0
+    assert main_exit(main, _train_argv(script, tiny_folder, tmp_path / "half", 3, RESUME_FLAGS[script])) == 0
+    assert main_exit(main, _train_argv(script, tiny_folder, tmp_path / "half", 6,
+                                       RESUME_FLAGS[script] + ["--resume"])) == 0
+    full, half = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "half"))
+    assert full["step"] == half["step"] == 6
+    nets = [k for k in full if k in ("model", "ema", "G", "D")]
+    for k in nets:
+        diff = max((full[k][n].double() - half[k][n].double()).abs().max().item() for n in full[k])
+        assert diff == 0, (k, diff)
+
+
+def test_plumbing_kill_9_never_leaves_a_torn_checkpoint(tmp_path):
+    """kill -9 a training run at random moments: ckpt.pt always loads, and --resume continues from its step."""
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(HERE, "ddpm.py"), "--data", "25gaussians", "--hidden", 64, "--T", 50,
+            "--steps", 100000, "--ckpt-every", 1, "--sample-every", 0, "--n-samples", 50, "--out", out]
+    rng, steps = random.Random(0), []
+    for k in range(3):
+        p = subprocess.Popen([str(a) for a in argv + (["--resume"] if k else [])], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        started, deadline = time.time(), time.time() + 120
+        while time.time() < deadline and not ((out / "ckpt.pt").exists() and os.path.getmtime(out / "ckpt.pt") > started):
+            time.sleep(0.05)                                  # until this process has written a checkpoint
+        time.sleep(rng.random() * 1.5)
+        p.kill()
+        p.wait()
+        ck = torch.load(out / "ckpt.pt", weights_only=True)
+        steps.append(ck["step"])
+        assert ck["method"] == "ddpm" and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert steps == sorted(steps) and steps[-1] > steps[0]
+    r = run_cli("ddpm.py", "--data", "25gaussians", "--hidden", 64, "--T", 50, "--steps", steps[-1] + 3,
+                "--ckpt-every", 1, "--sample-every", 0, "--n-samples", 50, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"steps {steps[-1]}..{steps[-1] + 3}" in r.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == steps[-1] + 3
+
+
+def test_plumbing_folder_keeps_channels_and_holds_out_a_split(tmp_path):
+    """A grayscale folder stays 1-channel; train/ without test/ keeps its classes and holds every 10th image out;
+    the real row under a grid shows several classes."""
+    for c in ("a", "b", "c"):
+        os.makedirs(tmp_path / "train" / c)
+        for i in range(20):
+            value = 10 * i + "abc".index(c) * 3                                    # unique per image
+            Image.fromarray(np.full((10, 10), value, np.uint8)).save(tmp_path / "train" / c / f"{i:02d}.png")
+    x, y, names = data.load(str(tmp_path), "train", 8)
+    xt, yt, _ = data.load(str(tmp_path), "test", 8)
+    assert x.shape == (54, 1, 8, 8) and xt.shape == (6, 1, 8, 8) and names == ["a", "b", "c"]
+    assert set(yt.tolist()) == {0, 1, 2}
+    row_labels = [int(y[(x == r).flatten(1).all(1)].unique().item()) for r in data.real_row(x, y, 6)]
+    assert row_labels == [0, 1, 2, 0, 1, 2]

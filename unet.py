@@ -40,17 +40,22 @@ def _zero(module):
     return module
 
 
+def _xavier(layer):
+    """Xavier-uniform weights and a zero bias (the official DDGAN init of its z mapping and style layers)."""
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class _Norm(nn.Module):
     """GroupNorm; adaptive when w_dim > 0: GN(h) * (1 + gamma(w)) + beta(w), the DDGAN generator's way in for z."""
 
     def __init__(self, channels, w_dim=0):
         super().__init__()
         self.norm = nn.GroupNorm(_groups(channels), channels, affine=w_dim == 0)
-        # default-initialised weights (zero bias): z changes every sample from step 0, as in the official DDGAN G; a
-        # zero-initialised style layer made the generator start z-blind and collapse to one or two images on glyphs
-        self.style = nn.Linear(w_dim, 2 * channels) if w_dim else None
-        if w_dim:
-            nn.init.zeros_(self.style.bias)
+        # Xavier-uniform weights and zero bias, as the official DDGAN code's dense(): PyTorch's default Linear init
+        # leaves G nearly blind to z (output spread over z ~0.005 against ~0.28 over x_t), i.e. a --no-z model
+        self.style = _xavier(nn.Linear(w_dim, 2 * channels)) if w_dim else None
 
     def forward(self, h, w=None):
         h = self.norm(h)
@@ -161,7 +166,7 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         if z_dim:  # DDGAN mapping network: PixelNorm (in forward) then 4 x (Linear(256) + SiLU)
             dims = [z_dim, 256, 256, 256, 256]
-            self.mapping = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.SiLU())])
+            self.mapping = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (_xavier(nn.Linear(a, b)), nn.SiLU())])
 
         block = dict(emb_dim=temb_dim, dropout=dropout, w_dim=w_dim, zero_init=zero_init)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
@@ -285,6 +290,39 @@ class Discriminator(nn.Module):
         h = self.minibatch_std(F.leaky_relu(h, 0.2))  # (B, C + 1, h, w)
         h = F.leaky_relu(self.conv_out(h), 0.2)  # (B, C, h, w)
         return self.head(h.sum(dim=(2, 3))).squeeze(1)  # sum-pool (B, C) -> (B,)
+
+
+class SmallDiscriminator(nn.Module):
+    """A small spectrally normalised D(x_{t-1}, x_t, t) -> logit for CPU budgets (a DCGAN-style D; not the paper's).
+
+    conv3x3 (in_ch -> ch), conv4x4/2 (ch -> 2 ch), conv4x4/2 (2 ch -> 4 ch), each spectrally normalised and followed
+    by LeakyReLU(0.2), then a linear head on the flattened features. t enters twice, both zero-initialised so that
+    a fresh D is a plain image D: as a per-channel bias after the first conv, and as a projection term
+    <e(t), sum-pooled features> (Miyato & Koyama 2018). Unlike the paper's D it adds no time embedding deep in the
+    network, where on 16x16 digits it was as large as the image signal, and it has no minibatch-std feature.
+    """
+
+    def __init__(self, in_ch=2, ch=32, image_size=16, temb_dim=128):
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"SmallDiscriminator needs an image size divisible by 4, got {image_size}")
+        sn = nn.utils.parametrizations.spectral_norm
+        self.ch = ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.LeakyReLU(0.2))
+        self.t_bias = _zero(nn.Linear(temb_dim, ch))
+        self.t_proj = _zero(nn.Linear(temb_dim, 4 * ch))
+        self.convs = nn.ModuleList([sn(nn.Conv2d(in_ch, ch, 3, padding=1)), sn(nn.Conv2d(ch, 2 * ch, 4, 2, 1)),
+                                    sn(nn.Conv2d(2 * ch, 4 * ch, 4, 2, 1))])
+        self.head = sn(nn.Linear(4 * ch * (image_size // 4) ** 2, 1))
+
+    def forward(self, x, t):
+        """x = cat([x_{t-1}, x_t], 1) (B, in_ch, H, W), t float (B,) -> logits (B,)."""
+        emb = self.temb(timestep_embedding(t, self.ch))  # (B, temb_dim)
+        h = self.convs[0](x) + self.t_bias(emb)[:, :, None, None]
+        for conv in self.convs[1:]:
+            h = conv(F.leaky_relu(h, 0.2))
+        h = F.leaky_relu(h, 0.2)  # (B, 4 ch, H / 4, W / 4)
+        return self.head(h.flatten(1)).squeeze(1) + (self.t_proj(emb) * h.sum(dim=(2, 3))).sum(1)
 
 
 class MLP(nn.Module):
