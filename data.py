@@ -697,7 +697,7 @@ def add_shared_args(p, out, defaults, data_help, hidden=512, g=""):
     ({"image": {...}, "2d": {...}}) default to None here and are filled in by apply_defaults; their help says
     both values. `g` names the network the model flags shape (" of G" in ddgan). Returns the groups."""
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=defaults["data"], help=data_help)
+    d.add_argument("--data", default=defaults["data"], help=f"{data_help} (default {defaults['data']})")
     d.add_argument("--data-dir", default="./data", help="where cifar10/mnist are stored or downloaded")
     d.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices)")
     d.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
@@ -1112,3 +1112,62 @@ def write_outputs(a, method, x, info, out, log, extra, real=None, tag="", save_n
 def clip_grad(module, max_norm):
     """Clip the gradient norm to max_norm (0: no clipping) and return the norm before clipping."""
     return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm if max_norm > 0 else float("inf"))
+
+
+# ---- pieces that more than one method file can use ----------------------------------------------------------
+def raise_first(checks):
+    """A script's own flag checks: ValueError(message) for the first (failed, message) pair that failed."""
+    for failed, message in checks:
+        if failed:
+            raise ValueError(message)
+
+
+def build_unet(a, in_ch):
+    """The shared UNet for in_ch-channel images, shaped by the model flags of add_shared_args."""
+    from unet import UNet                                        # imported here: loading data needs no network
+    return UNet(in_ch=in_ch, ch=a["ch"], ch_mult=tuple(a["ch_mult"]), num_res_blocks=a["num_res_blocks"],
+                attn_res=tuple(a["attn_res"]), dropout=a["dropout"], temb_dim=a["temb_dim"],
+                image_size=a["image_size"])
+
+
+def points_box(x, margin=0.05):
+    """[lo, hi] per axis of 2-D points x (N, D), as lists (for a run's args): their range widened by margin of it."""
+    lo, hi = x.min(0).values, x.max(0).values
+    return [(lo - margin * (hi - lo)).tolist(), (hi + margin * (hi - lo)).tolist()]
+
+
+def pool_scores(all_scores):
+    """One score dict from several sampling runs: the first run's scores, with a 2-D energy distance pooled over
+    all of them (energy = the mean, energy_std, energy_min, energy_max, runs)."""
+    scores = dict(all_scores[0])
+    if "energy" in scores:
+        e = torch.tensor([m["energy"] for m in all_scores], dtype=torch.float64)
+        scores.update(energy=e.mean().item(), energy_std=e.std().item() if len(e) > 1 else 0.0,
+                      energy_min=e.min().item(), energy_max=e.max().item(), runs=len(e))
+    return scores
+
+
+def save_side_by_side(left, right, path):
+    """Two image sets (e.g. two models' samples) as square grids side by side, a blank column between."""
+    r = int(math.sqrt(min(len(left), len(right))))
+    grid = [left[:r * r].view(r, r, *left.shape[1:]), torch.ones(r, 1, *left.shape[1:]),
+            right[:r * r].view(r, r, *left.shape[1:])]
+    save_grid(torch.cat(grid, 1).flatten(0, 1), path, nrow=2 * r + 1)
+
+
+def write_compare(out, title, results, two_d):
+    """A --compare table: print title and the markdown table of results ({"model | sampler": nfe and scores}):
+    energy mean +- std, range and floor for 2-D data, legibility and classes covered for images. Writes the
+    table to out/compare.md and results to out/compare.json; returns the table's lines."""
+    head = ("| model | sampler | NFE | energy (mean +- std) | min..max | floor |" if two_d else
+            "| model | sampler | NFE | legible % | classes covered |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, r in results.items():
+        lines.append(f"| {key} | {r['nfe']} | " + (f"{r['energy']:.4f} +- {r['energy_std']:.4f} (n={r['runs']}) | "
+                     f"{r['energy_min']:.4f}..{r['energy_max']:.4f} | {r['energy_floor']:.4f} |" if two_d else
+                     f"{r.get('legible', float('nan')):.1f} | {r.get('classes_covered', '-')} |"))
+    print(title + "\n" + "\n".join(lines))
+    for name, text in (("compare.md", "\n".join(lines) + "\n"), ("compare.json", json.dumps(results, indent=1))):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+    return lines

@@ -304,7 +304,7 @@ DEFAULTS = {
 
 def get_parser():
     p = data.Parser(description="DDPM (Ho et al. 2020) with DDIM sampling.", allow_abbrev=False)
-    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | cifar10 | mnist | stackedmnist | swirl | 25gaussians "
+    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | glyphs-mono | cifar10 | mnist | stackedmnist | swirl | 25gaussians "
                          "| path to an image folder")
     d = p.add_argument_group("diffusion and sampling")
     d.add_argument("--T", type=int, default=1000, help="number of diffusion steps")

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from unet import MLP, UNet
+from unet import MLP
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0                                # VDM's initial endpoints of gamma
 
@@ -155,15 +155,11 @@ def losses(model, x0, cfg, use_fid):
     fid = x0.new_zeros(())
     if use_fid:
         times = chain_times(cfg["T"], cfg["K"], "random")       # fresh times every iteration (the public code froze them)
-        xb = x0[:cfg["fid_batch"]]
-        if cfg["fidelity"] == "l2":
-            a1, s1 = alpha_sigma(g1.detach())
-            e1 = torch.randn_like(xb)
-            x0_hat = run_chain(model, a1 * xb + s1 * e1, times, cfg["T"], cfg["renoise"], cfg["clip"], e1, cfg["dtype"])
-            fid = ((xb - x0_hat) ** 2).mean()
-        else:
-            x0_hat = run_chain(model, torch.randn_like(xb), times, cfg["T"], cfg["renoise"], cfg["clip"], None, cfg["dtype"])
-            fid = energy_distance(x0_hat, xb)
+        xb, l2, (a1, s1) = x0[:cfg["fid_batch"]], cfg["fidelity"] == "l2", alpha_sigma(g1.detach())
+        e1 = torch.randn_like(xb)                               # l2: z_1 = alpha_1 x0 + sigma_1 e1; energy: z_1 = e1
+        x0_hat = run_chain(model, a1 * xb + s1 * e1 if l2 else e1, times, cfg["T"], cfg["renoise"], cfg["clip"], e1,
+                           cfg["dtype"])
+        fid = ((xb - x0_hat) ** 2).mean() if l2 else energy_distance(x0_hat, xb)
     return diff, prior, recon, fid
 
 
@@ -176,9 +172,7 @@ def build_model(a):
         net = MLP(in_dim=2, hidden=a["hidden"], layers=a["layers"])
         lo, hi, bw = torch.tensor(a["box"][0]), torch.tensor(a["box"][1]), 1 / data.swirl_scale()[1]
     else:
-        net = UNet(in_ch=a["channels"], ch=a["ch"], ch_mult=tuple(a["ch_mult"]), num_res_blocks=a["num_res_blocks"],
-                   attn_res=tuple(a["attn_res"]), dropout=a["dropout"], temb_dim=a["temb_dim"],
-                   image_size=a["image_size"])
+        net = data.build_unet(a, a["channels"])
         lo, hi, bw = torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(2 / 255)
     return ShortcutVDM(net, lo.float(), hi.float(), bw.float())
 
@@ -217,19 +211,13 @@ def generate(model, cfg, n=64, seed=0, times=None, K=None, renoise=None, clip_x0
 
 
 def evaluate(model, cfg, n=None, times=None, K=None, renoise=None, clip_x0=None, dtype="float32"):
-    """Sample and score (energy distance for 2-D; legibility and class coverage under a classifier for labelled
-    images) over cfg's eval_seeds noise seeds (x subsets random time subsets for a random chain). Returns (the first
-    run's samples, info: its sampler, nfe, sec_per_100, and the scores, energy mean/std/min/max over all runs)."""
+    """Sample and score (data.score) over cfg's eval_seeds noise seeds x subsets random time subsets (a random
+    chain). Returns (the first run's samples, generate()'s info with the scores, pooled by data.pool_scores)."""
     how, info = times or cfg["times"], {}
     runs = [(s, j) for s in range(cfg["eval_seeds"]) for j in range(cfg["subsets"] if how == "random" else 1)]
     xs = [generate(model, cfg, n or cfg["n_samples"], cfg["seed"] + s, how, K, renoise, clip_x0, j, dtype,
                    info=None if info else info) for s, j in (runs if data.is_2d(cfg["data"]) else runs[:1])]
-    all_scores = [data.score(cfg, x) for x in xs]                # images: one run (the classifier is slow)
-    scores = dict(all_scores[0])
-    if "energy" in scores:
-        e = torch.tensor([m["energy"] for m in all_scores], dtype=torch.float64)
-        scores.update(energy=e.mean().item(), energy_std=e.std().item() if len(e) > 1 else 0.0,
-                      energy_min=e.min().item(), energy_max=e.max().item(), runs=len(e))
+    scores = data.pool_scores([data.score(cfg, x) for x in xs])  # images: one run (the classifier is slow)
     return xs[0], dict(info, scores=scores)
 
 
@@ -249,8 +237,7 @@ def train(args, until=None):
     x, y, _ = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
     a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
     if data.is_2d(a["data"]) and not a.get("box"):               # swirl's box: the training range, 5% margin
-        lo, hi = x.min(0).values, x.max(0).values
-        a["box"] = [(lo - 0.05 * (hi - lo)).tolist(), (hi + 0.05 * (hi - lo)).tolist()]
+        a["box"] = data.points_box(x, 0.05)
 
     # model, optimizer (AdamW as VDM; no weight decay on the schedule), EMA
     model = build_model(a).to(device)
@@ -334,34 +321,23 @@ def compare(args):
     rows = [(f"K={K} random, {r}", "random", K, r) for r in dict.fromkeys([r0, "eps_hat", "forward", "fresh"])]
     rows += [(f"K={K} even, {r0}", "even", K, r0), (f"all {T} grid times, {r0}", "even", T - 1, r0),
              (f"ancestral {T}", "ancestral", None, r0)]
-    head = ("| model | sampler | NFE | energy (mean +- std) | min..max | floor |" if two_d else
-            "| model | sampler | NFE | legible % | classes covered |")
-    results, pics, lines = {}, {}, [head, "|" + "---|" * (head.count("|") - 1)]
+    results, pics = {}, {}
     for name, lam in (("baseline", 0.0), ("shortcut", args.lambda_fid)):
         train(argparse.Namespace(**dict(vars(args), lambda_fid=lam, out=outs[name], resume=True)))
         ema, cfg = load(os.path.join(outs[name], "ckpt.pt"), data.pick_device(args.device))
         for label, how, k, r in rows:
             pics[name, label], info = evaluate(ema, cfg, times=how, K=k, renoise=r, dtype=args.dtype)
             results[f"{name} | {label}"] = dict(nfe=info["nfe"], sec_per_100=round(info["sec_per_100"], 4), **info["scores"])
-    for key, r in results.items():
-        lines.append(f"| {key} | {r['nfe']} | " + (f"{r['energy']:.4f} +- {r['energy_std']:.4f} (n={r['runs']}) | "
-                     f"{r['energy_min']:.4f}..{r['energy_max']:.4f} | {r['energy_floor']:.4f} |" if two_d else
-                     f"{r.get('legible', float('nan')):.1f} | {r.get('classes_covered', '-')} |"))
-    print(f"\nshortcut MCMC vs baseline | {args.data} | T {T} | {args.steps} steps each, fidelity from step "
-          f"{args.fid_start} | renoise {r0} | lambda_fid {args.lambda_fid} ({args.fidelity})\n" + "\n".join(lines))
+    data.write_compare(args.out, f"\nshortcut MCMC vs baseline | {args.data} | T {T} | {args.steps} steps each, fidelity "
+                       f"from step {args.fid_start} | renoise {r0} | lambda_fid {args.lambda_fid} ({args.fidelity})",
+                       results, two_d)
     path = os.path.join(args.out, "compare.png")
     if two_d:
         data.save_scatter([pics[m, rows[i][0]] for i in (0, -2) for m in ("baseline", "shortcut")], path, args.data,
                           real=data.reference(cfg, None, None),
                           titles=[f"baseline K={K}", f"shortcut K={K}", f"baseline all {T}", f"shortcut all {T}"])
     else:
-        b, c = pics["baseline", rows[0][0]], pics["shortcut", rows[0][0]]        # side by side, a blank column between
-        r = int(math.sqrt(min(len(b), len(c))))
-        grid = [b[:r * r].view(r, r, *b.shape[1:]), torch.ones(r, 1, *b.shape[1:]), c[:r * r].view(r, r, *b.shape[1:])]
-        data.save_grid(torch.cat(grid, 1).flatten(0, 1), path, nrow=2 * r + 1)
-    for name, text in (("compare.md", "\n".join(lines) + "\n"), ("compare.json", json.dumps(results, indent=1))):
-        with open(os.path.join(args.out, name), "w") as f:
-            f.write(text)
+        data.save_side_by_side(pics["baseline", rows[0][0]], pics["shortcut", rows[0][0]], path)
     print(f"picture: {path} (baseline | shortcut at K={K}" + (f"; then at all {T} grid times)" if two_d else ")"))
     return results
 
@@ -379,7 +355,7 @@ DEFAULTS = {"data": "swirl",
 
 def get_parser():
     p = data.Parser(description="Shortcut MCMC (Chen 2023): VDM sampled in K steps.", allow_abbrev=False)
-    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "swirl | glyphs | cifar10 | mnist | path to an image folder")
+    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "swirl | glyphs | glyphs-mono | cifar10 | mnist | path to an image folder")
     c = p.add_argument_group("diffusion and the chain")
     c.add_argument("--T", type=int, default=200, help="grid of chain times t = n / T")
     c.add_argument("--K", type=int, default=10, help="chain steps after t = 1 (K + 1 network calls), 1..T-1")
@@ -413,8 +389,7 @@ def main(argv=None):
               (data.is_2d(args.data) and args.data != "swirl", f"shortcut_mcmc's 2-D mode needs the 8-bit swirl "
                f"(its likelihood term needs the bin width): use --data swirl, not {args.data}")]
     try:
-        for msg in [msg for bad, msg in checks if bad][:1]:
-            raise ValueError(msg)
+        data.raise_first(checks)
         if not args.sample_only:
             data.apply_defaults(args, DEFAULTS)
             args.box = None

@@ -487,16 +487,40 @@ def test_mlp_in_and_out_scale():
 
 
 def test_unet_generator_init_depends_on_z():
-    # DDGAN's G (zero_init=False, default-initialised style layers): the output varies with z from step 0;
-    # the denoiser default (zero_init=True) still starts at exactly 0
+    # DDGAN's G (zero_init=False, Xavier-initialised z mapping and style layers as the official code): the output
+    # varies with z from step 0 by a good fraction of how it varies with x_t (PyTorch's default Linear init gave
+    # ~2%: a z-blind G); the denoiser default (zero_init=True) still starts at exactly 0
     torch.manual_seed(0)
-    g = unet.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8, dropout=0.0, z_dim=8, out_act="tanh",
-                  zero_init=False)
-    x, t = torch.randn(4, 3, 8, 8), _t(4)
-    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
-    assert (g(x, t, z=z1) - g(x, t, z=z2)).abs().mean() > 1e-3
+    g = unet.UNet(in_ch=1, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, image_size=16, dropout=0.0, z_dim=100,
+                  out_act="tanh", zero_init=False)
+    x, t = torch.randn(32, 1, 16, 16), torch.full((32,), 500.0)
+    z1, z2 = torch.randn(32, 100), torch.randn(32, 100)
+    with torch.no_grad():
+        over_z, over_x = (g(x, t, z=z1) - g(x, t, z=z2)).std(), (g(x, t, z=z1) - g(x.roll(1, 0), t, z=z1)).std()
+    assert over_z > 0.1 * over_x, (over_z, over_x)
     d = unet.UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8, z_dim=8)
-    assert d(x, t, z=z1).abs().max() == 0
+    assert d(torch.randn(4, 3, 8, 8), _t(4), z=torch.randn(4, 8)).abs().max() == 0
+
+
+def test_small_discriminator_shapes_t_terms_and_spectral_norm():
+    torch.manual_seed(0)
+    d = unet.SmallDiscriminator(in_ch=2, ch=8, image_size=16)
+    x = torch.randn(5, 2, 16, 16, requires_grad=True)
+    logits = d(x, _t(5))
+    assert logits.shape == (5,) and torch.isfinite(logits).all()
+    d.eval()                                                                   # no power iteration in between
+    assert torch.allclose(d(x, torch.zeros(5)), d(x, torch.full((5,), 999.0)))   # t terms start at zero
+    d.train()
+    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)         # R1 stays possible
+    grad.pow(2).sum().backward()
+    assert d.convs[0].parametrizations.weight.original.grad.abs().sum() > 0
+    for _ in range(30):                                                        # power iterations in train mode
+        d(x.detach(), _t(5))
+    for conv in d.convs:                                                       # each layer is ~1-Lipschitz
+        w = conv.weight.detach().flatten(1)
+        assert abs(torch.linalg.matrix_norm(w, 2).item() - 1) < 0.05
+    with pytest.raises(ValueError):
+        unet.SmallDiscriminator(image_size=10)
 
 
 def test_timestep_embedding():
@@ -926,6 +950,23 @@ def test_ddgan_losses_equal_bce_with_logits_and_stay_finite():
         assert torch.isfinite(ld) and torch.isfinite(lg)
         assert torch.isfinite(real.grad).all() and torch.isfinite(fake.grad).all()
     assert ddgan.d_loss(torch.tensor([100.0]), torch.tensor([-100.0])).item() < 1e-30   # a perfect D: loss ~0, not NaN
+
+
+def test_ddgan_hinge_losses_closed_form():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-3.0, 0.0, 1.0])
+    assert torch.isclose(ddgan.d_loss(real, fake, "hinge"), torch.tensor((0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3))
+    assert torch.isclose(ddgan.g_loss(fake, "hinge"), -fake.mean())
+    assert torch.isclose(ddgan.d_loss(real, fake), F.softplus(-real).mean() + F.softplus(fake).mean())
+
+
+def test_ddgan_d_steps_per_g_step(tmp_path, monkeypatch):
+    """--d-steps 2: two D updates (each with a fresh t, pair and z) for every G update."""
+    calls = []
+    for name in ("d_step", "g_step"):
+        orig = getattr(ddgan, name)
+        monkeypatch.setattr(ddgan, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    ddgan.main(_small_image_flags(str(tmp_path / "ds"), steps=3) + ["--d-steps", "2"])
+    assert calls == ["d_step", "d_step", "g_step"] * 3
 
 
 def test_ddgan_r1_is_nonzero_and_differentiable_in_D():

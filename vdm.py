@@ -442,7 +442,7 @@ DEFAULTS = {"data": "glyphs", "lr_note": "; the paper's 2e-4", "warmup_note": " 
 
 def get_parser():
     p = data.Parser(description="VDM (Kingma et al. 2021): bits/dim, learned gamma.", allow_abbrev=False)
-    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | cifar10 | mnist | swirl | path to an image folder")
+    data.add_shared_args(p, DEFAULT_OUT, DEFAULTS, "glyphs | glyphs-mono | cifar10 | mnist | swirl | path to an image folder")
     d = p.add_argument_group("diffusion and sampling")
     d.add_argument("--T", type=int, default=0, help="0: continuous-time loss (Sec. 5); N: discrete on N steps")
     d.add_argument("--schedule", choices=["fixed", "scalar", "net"], default="scalar", help="gamma(t) (Sec. 3.2)")
