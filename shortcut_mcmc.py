@@ -12,8 +12,7 @@ distance between a batch of chain samples started from N(0, I), as at sampling, 
 
 Run:   python shortcut_mcmc.py --compare               # swirl: baseline vs shortcut, K=10 and all 200 (~3 min)
        python shortcut_mcmc.py --fidelity l2 --lambda-fid 0.1 --out runs/shortcut_l2   # the paper's loss
-       python shortcut_mcmc.py --data glyphs           # images with the shared UNet
-       python shortcut_mcmc.py --sample-only --out runs/shortcut_mcmc/shortcut --K 10 --times even --save-npz
+       python shortcut_mcmc.py --data glyphs           # images with the shared UNet (more in README.md)
 
 t convention: t is continuous in [0, 1] (gamma(0) least noise, gamma(1) most). The chain lives on the grid
 t = n / T, n in {1..T}: it starts at n = T and visits K distinct n from {1..T-1}, drawn afresh every training
@@ -23,8 +22,6 @@ of z_1 = alpha_1 x0 + sigma_1 eps; sampling: z_1 itself); fresh draws new noise 
 """
 import argparse
 import copy
-import json
-import math
 import os
 import shutil
 import time
@@ -155,10 +152,11 @@ def losses(model, x0, cfg, use_fid):
     fid = x0.new_zeros(())
     if use_fid:
         times = chain_times(cfg["T"], cfg["K"], "random")       # fresh times every iteration (the public code froze them)
-        xb, l2, (a1, s1) = x0[:cfg["fid_batch"]], cfg["fidelity"] == "l2", alpha_sigma(g1.detach())
-        e1 = torch.randn_like(xb)                               # l2: z_1 = alpha_1 x0 + sigma_1 e1; energy: z_1 = e1
-        x0_hat = run_chain(model, a1 * xb + s1 * e1 if l2 else e1, times, cfg["T"], cfg["renoise"], cfg["clip"], e1,
-                           cfg["dtype"])
+        xb, l2 = x0[:cfg["fid_batch"]], cfg["fidelity"] == "l2"
+        a1, s1 = alpha_sigma(g1.detach())
+        e1 = torch.randn_like(xb)
+        z1 = a1 * xb + s1 * e1 if l2 else e1                    # l2: from the batch; energy: from N(0, I), as at sampling
+        x0_hat = run_chain(model, z1, times, cfg["T"], cfg["renoise"], cfg["clip"], e1, cfg["dtype"])
         fid = ((xb - x0_hat) ** 2).mean() if l2 else energy_distance(x0_hat, xb)
     return diff, prior, recon, fid
 
@@ -184,10 +182,7 @@ def sampler_name(cfg):
 
 def load(path, device="cpu"):
     """(model, cfg) from a ckpt.pt: the EMA weights in eval mode on `device`, and the run's settings."""
-    ckpt = data.load_checkpoint(path, "shortcut_mcmc", ("ema",), ARCH + ("K", "times", "renoise", "clip_x0"))
-    model = build_model(ckpt["args"])
-    data.load_states(ckpt, path, ema=model)
-    return model.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
+    return data.load_ema(path, "shortcut_mcmc", build_model, ("ema",), ARCH + ("K", "times", "renoise", "clip_x0"), device)
 
 
 @torch.no_grad()
@@ -211,14 +206,13 @@ def generate(model, cfg, n=64, seed=0, times=None, K=None, renoise=None, clip_x0
 
 
 def evaluate(model, cfg, n=None, times=None, K=None, renoise=None, clip_x0=None, dtype="float32"):
-    """Sample and score (data.score) over cfg's eval_seeds noise seeds x subsets random time subsets (a random
-    chain). Returns (the first run's samples, generate()'s info with the scores, pooled by data.pool_scores)."""
+    """Sample and score over cfg's eval_seeds noise seeds (x subsets time subsets for a random chain; images: the
+    first run only, the classifier is slow). Returns (the first run's samples, generate()'s info + pooled scores)."""
     how, info = times or cfg["times"], {}
     runs = [(s, j) for s in range(cfg["eval_seeds"]) for j in range(cfg["subsets"] if how == "random" else 1)]
     xs = [generate(model, cfg, n or cfg["n_samples"], cfg["seed"] + s, how, K, renoise, clip_x0, j, dtype,
                    info=None if info else info) for s, j in (runs if data.is_2d(cfg["data"]) else runs[:1])]
-    scores = data.pool_scores([data.score(cfg, x) for x in xs])  # images: one run (the classifier is slow)
-    return xs[0], dict(info, scores=scores)
+    return xs[0], dict(info, scores=data.pool_scores([data.score(cfg, x) for x in xs]))
 
 
 # ----------------------------------------------------------------------------------------------------
