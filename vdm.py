@@ -1,48 +1,35 @@
-"""VDM: Variational Diffusion Models (Kingma, Salimans, Poole & Ho 2021, arXiv 2107.00630).
-
-Idea: a diffusion model trained on its variational bound, in bits per dimension. gamma(t) = -log SNR(t) sets
-q(z_t | x) = N(alpha_t x, sigma_t^2 I), alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t) (Sec. 3.1-3.2),
-and may be learned. The negative ELBO (Sec. 3.5) sums a 256-way reconstruction term -log p(x | z_0), the prior
-KL(q(z_1 | x) || N(0, I)) and the diffusion loss, discrete (Sec. 4) or continuous, 0.5 E[gamma'(t) ||eps -
-eps_hat||^2], which depends on the schedule only through its endpoints (Sec. 5). Sampling is ancestral,
-p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) (Sec. 3.3); z_0 is decoded by the argmax of the 256 logits.
-
-Run:   python vdm.py                                  # glyphs 16x16, CPU-sized model, ~10 min on 2 cores
-       python vdm.py --data swirl                     # 2-D 8-bit swirl with the MLP (more commands: README)
+"""VDM: Variational Diffusion Models (Kingma, Salimans, Poole & Ho 2021, arXiv 2107.00630). The README has the method,
+the paper-to-code table and the commands (`python vdm.py`: glyphs 16x16, ~10 min on 2 CPU cores). gamma(t) = -log SNR(t)
+sets q(z_t | x) = N(alpha_t x, sigma_t^2 I), alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t) (Sec. 3.1-3.2).
+The loss is the negative ELBO in bits/dim (Sec. 3.5), its diffusion term discrete (Sec. 4) or continuous (Sec. 5);
+sampling is ancestral, p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) (Sec. 3.3), then the argmax of the 256 logits.
 
 t convention: t is continuous in [0, 1], gamma(0) = gamma_0 the least noise, gamma(1) = gamma_1 the most.
 --T N makes the diffusion loss discrete on t in {1/N, ..., 1} with s = t - 1/N. The sampler walks t_i = i/S,
 i = S..1 (S = --sample-steps, default T, or 1000 in continuous time). The network sees gamma_t rescaled to
 [0, 1] by the initial endpoints -13.3 and 5.0, times 1000.
-Data: an image is its exact 8-bit values k, placed at the bin centres x = 2 (k + 0.5) / 256 - 1. The swirl's
-points are standardised 8-bit values, so its 256 bins per axis sit at (k - mean) / std (data.swirl_scale()):
-the diffusion runs in standardised coordinates, as in the VDM 2-D example, and samples land on that grid.
 """
 import argparse
 import copy
-import json
 import math
 import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from unet import MLP, UNet
+from unet import MLP
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0                                 # the paper's initial (or fixed) endpoints
+to_int = data.to_8bit                                             # a float batch -> its exact 8-bit values k
 
 
-# ----------------------------------------------------------------------------------------------------
-# Schedule: gamma(t) = -log SNR(t) = b + |w| s(t), s(0) = 0, s(1) = 1, s increasing (Sec. 3.2)
+# ---- Schedule: gamma(t) = -log SNR(t) = b + |w| s(t), s(0) = 0, s(1) = 1, s increasing (Sec. 3.2) ----------------
 class Schedule(nn.Module):
-    """gamma(t) with endpoints gamma_0 = b and gamma_1 = b + |w|.
-    fixed: s(t) = t with b, w frozen; scalar: s(t) = t with b, w learned (the paper's gamma = b + |w| t);
-    net: s(t) = (f(t) - f(0)) / (f(1) - f(0)) for the monotone f(t) = l1(t) + l3(phi(l2(l1(t)))) (positive
-    weights, phi = sigmoid, 1024 units), so the endpoints are exactly the learned gamma_0 and gamma_1 and the
-    network only shapes the interior (the public JAX code skips this normalisation)."""
+    """gamma(t) with endpoints gamma_0 = b and gamma_1 = b + |w|. fixed: s(t) = t, b and w frozen; scalar: s(t) = t,
+    b and w learned (the paper's b + |w| t); net: s(t) = (f(t) - f(0)) / (f(1) - f(0)) for the monotone f(t) =
+    l1(t) + l3(phi(l2(l1(t)))) (positive weights, phi = sigmoid, 1024 units): exact endpoints, unlike the JAX code."""
 
     def __init__(self, kind, hidden=1024):
         super().__init__()
@@ -87,8 +74,7 @@ def alpha_sigma(gamma):
     return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Networks: the score model eps_hat(z_t; gamma_t) and the --latent encoder/decoder
+# ---- Networks: the score model eps_hat(z_t; gamma_t) and the --latent encoder/decoder ----------------------------
 class _Res(nn.Module):
     """GroupNorm-SiLU-conv3x3 twice with a skip: the block of the --latent encoder and decoder (gcd(8, ch) groups)."""
 
@@ -102,9 +88,8 @@ class _Res(nn.Module):
 
 
 class VDM(nn.Module):
-    """Score network, schedule, bin centres (buffer (C, 256)) and, with --latent, a residual encoder e = x + enc(x)
-    and decoder mean u + dec(u) (last convs zero-initialised: the variant starts as plain VDM); forward = the
-    bound's terms, so DDP wraps one module."""
+    """Score network, schedule, bin centres (buffer (C, 256)) and, with --latent, encoder e = x + enc(x) and decoder
+    mean u + dec(u) (last convs zero: it starts as plain VDM); forward = the bound's terms, so DDP wraps one module."""
 
     def __init__(self, net, schedule, centres, freqs=(), latent_ch=0):
         super().__init__()
@@ -124,10 +109,9 @@ class VDM(nn.Module):
 
 
 def eps_model(model, z, gamma, y=None, w=0.0, dtype="float32"):
-    """eps_hat = z_t + net([z_t, sin/cos(2^n pi z_t)], 1000 * gamma_t rescaled to [0, 1], y) (Sec. 3.4: Fourier
-    features at the finest frequencies; conditioned on gamma, not t; the zero-initialised last layer makes a
-    fresh model output z_t); only the network runs under autocast. With labels y and w != 0, classifier-free
-    guidance eps = (1 + w) eps(z, c) - w eps(z, null) in one batch of 2B (w = 0 is the conditional model)."""
+    """eps_hat = z_t + net([z_t, sin/cos(2^n pi z_t)], 1000 * gamma_t rescaled to [0, 1], y) (Sec. 3.4: conditioned
+    on gamma, not t; a fresh model outputs z_t); only the network runs under autocast. With labels y and w != 0,
+    classifier-free guidance eps = (1 + w) eps(z, c) - w eps(z, null) in one batch of 2B (w = 0: conditional model)."""
     guide = y is not None and w != 0
     if guide:
         z, gamma, y = torch.cat([z, z]), torch.cat([gamma, gamma]), torch.cat([y, torch.full_like(y, -1)])
@@ -146,10 +130,8 @@ def decoder_logits(model, u, gamma0):
 
 
 def recon_nll(model, k, u, gamma0):
-    """-log p(x = k | z_0) per element: -log_softmax(decoder_logits) at the true bin. Only the bins within
-    8 std (exp(gamma_0 / 2)) of u carry mass (the rest < e^-32 of it), so the log-sum-exp runs
-    over that window of the evenly spaced bins: exact in float32, and a few bins instead of 256 at
-    gamma_0 = -13.3 (the full softmax costs as much as the UNet on a CPU)."""
+    """-log p(x = k | z_0) per element: -log_softmax(decoder_logits) at the true bin, the log-sum-exp over only the bins
+    within 8 std (exp(gamma_0 / 2)) of u (the rest hold < e^-32 of the mass): exact in float32, and cheap (README)."""
     chan = torch.arange(k.shape[1], device=k.device).view(1, -1, *[1] * (k.dim() - 2))
     c, step = model.centres, (model.centres[:, 1] - model.centres[:, 0]).view(chan.shape)   # uniform spacing
     W = min(255, math.ceil(8 * math.exp(min(30.0, 0.5 * gamma0.item())) / step.min().item()) + 1)  # 255: every bin
@@ -161,8 +143,7 @@ def recon_nll(model, k, u, gamma0):
     return 0.5 * torch.exp(-gamma0) * (u - c[chan, k]) ** 2 + lse
 
 
-# ----------------------------------------------------------------------------------------------------
-# The bound (Sec. 3.5): -log p(x) <= L_recon + L_prior + L_diff, each in bits per data dimension
+# ---- The bound (Sec. 3.5): -log p(x) <= L_recon + L_prior + L_diff, each in bits per data dimension --------------
 def diffusion_weight(gamma_t, gamma_s, T):
     """Discrete weight T (SNR(s) / SNR(t) - 1) = T expm1(gamma_t - gamma_s) of ||eps - eps_hat||^2 (Sec. 4);
     expm1 keeps the small difference exact: 1000 expm1(18.3 / 1000) = 18.47, not 18.3."""
@@ -186,8 +167,7 @@ def elbo_terms(model, k, y=None, T=0, antithetic=True, var_min=False, dtype="flo
     # L_prior, with sigma_1^2 - 1 = -alpha_1^2 and -log sigma_1^2 = softplus(-gamma_1) for precision
     a2 = torch.sigmoid(-gamma1)
     prior = 0.5 * (a2 * e ** 2 + F.softplus(-gamma1) - a2).sum(dims)
-    # L_diff
-    t = torch.rand(1 if antithetic else B, device=k.device)
+    t = torch.rand(1 if antithetic else B, device=k.device)          # L_diff
     t = (t + torch.arange(B, device=k.device) / B) % 1 if antithetic else t
     t = (torch.floor(t * T) + 1) / T if T else t                     # discrete: uniform on {1/T, ..., 1}
     gamma_t, slope, interior = gamma_and_slope(model.gamma, t, create_graph=torch.is_grad_enabled())
@@ -206,8 +186,7 @@ def elbo_terms(model, k, y=None, T=0, antithetic=True, var_min=False, dtype="flo
     return recon * bpd, prior * bpd, diff * bpd
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sampler (Sec. 3.3): ancestral steps with p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t; t))
+# ---- Sampler (Sec. 3.3): ancestral steps with p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t; t)) ---------------------
 def sample_step(z_t, eps_hat, gamma_t, gamma_s, noise):
     """z_s = (alpha_s / alpha_t) (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) noise, c = -expm1(gamma_s - gamma_t)
     = 1 - SNR(t) / SNR(s): the posterior q(z_s | z_t, x_hat) written with eps_hat. gamma_t, gamma_s: floats."""
@@ -229,83 +208,46 @@ def sample(model, shape, S, y=None, w=0.0, generator=None, device="cpu", dtype="
     return decoder_logits(model, z / alpha_sigma(g0)[0], g0).argmax(-1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The model, and sampling from it
-def to_int(a, x):
-    """A float batch from data.batches -> its exact 8-bit values k (int64, same shape)."""
-    if data.is_2d(a["data"]):
-        mean, std = (v.to(x.device) for v in data.swirl_scale())
-        return (x * std + mean).round().long().clamp(0, 255)
-    return ((x + 1) * 127.5).round().long().clamp(0, 255)
-
-
+# ---- The model, and sampling from it -----------------------------------------------------------------------------
 def build_model(a):
     """The VDM module: UNet (images) or MLP (swirl) on Fourier-featured input, schedule and bin centres."""
     C, n = a["channels"], len(a["fourier"])
     if data.is_2d(a["data"]):
-        mean, std = data.swirl_scale()
-        centres = (torch.arange(256.0)[None] - mean[:, None]) / std[:, None]       # (2, 256)
+        centres = data.swirl_grid()                                               # (2, 256): (k - mean) / std
         net = MLP(in_dim=2 * (1 + 2 * n), out_dim=2, hidden=a["hidden"], layers=a["layers"])
     else:
         centres = ((2 * torch.arange(256.0) + 1) / 256 - 1).repeat(C, 1)       # (C, 256): 2 (k + 0.5) / 256 - 1
-        net = UNet(in_ch=C * (1 + 2 * n), out_ch=C, ch=a["ch"], ch_mult=tuple(a["ch_mult"]), dropout=a["dropout"],
-                   num_res_blocks=a["num_res_blocks"], attn_res=tuple(a["attn_res"]), temb_dim=a["temb_dim"],
-                   image_size=a["image_size"], num_classes=len(a["class_names"]) if a["cond"] else 0)
+        net = data.build_unet(a, C * (1 + 2 * n), out_ch=C, num_classes=len(a["class_names"]) if a["cond"] else 0)
     return VDM(net, Schedule(a["schedule"]), centres, a["fourier"], latent_ch=a["ch"] if a["latent"] else 0)
-
-
-def grid_labels(a, n):
-    """A conditional grid's labels: a row per class of --labels (names or indices; default all), n // rows each."""
-    names, chosen = a["class_names"], []
-    for c in a.get("labels") or names:
-        if c not in names and not (str(c).isdigit() and int(c) < len(names)):
-            raise ValueError(f"unknown label '{c}': choose from {', '.join(names)} or an index 0..{len(names) - 1}")
-        chosen.append(names.index(c) if c in names else int(c))
-    return torch.tensor(chosen).repeat_interleave(max(1, n // len(chosen)))
-
-
-def sampler_name(cfg):
-    """The sampler in words (file names and metrics.json): ancestral1000, or for a conditional model
-    ancestral1000_w1.0 with the guidance w, plus _labels3-5 when --labels chose the grid's classes."""
-    name = f"ancestral{cfg.get('sample_steps') or cfg['T'] or 1000}"
-    if cfg["cond"]:
-        name += f"_w{cfg['guidance']}" + ("_labels" + "-".join(map(str, cfg["labels"])) if cfg.get("labels") else "")
-    return name
 
 
 def load(path, device="cpu"):
     """(model, cfg) from a ckpt.pt: the EMA weights in eval mode on `device`, and the run's settings."""
-    ckpt = data.load_checkpoint(path, "vdm", KEYS, ARCH + ("guidance", "labels", "sample_steps"))
-    model = build_model(ckpt["args"])
-    data.load_states(ckpt, path, ema=model)
-    return model.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
+    return data.load_ema(path, "vdm", build_model, KEYS, ARCH + ("guidance", "labels", "sample_steps"), device)
 
 
 @torch.no_grad()
 def generate(model, cfg, n=64, seed=0, sample_steps=None, guidance=None, labels=None, dtype="float32", batch=500,
              info=None):
-    """n samples (images in [-1, 1] or swirl points) from fixed noise (seed), S ancestral steps (sample_steps, else
-    T, else 1000); unset options come from cfg. A conditional model draws a grid of a row per class of `labels`
-    (default all), n // rows each, with guidance w. `info` (a dict) receives the sampler's name, NFE, seconds per
-    100 samples (timed after one untimed 1-step sample: one-time set-up is not sampling time), `labels`, the
-    class asked for of each sample, and `nrow`, a grid row per class (both None when unconditional)."""
+    """n samples (images in [-1, 1] or swirl points) from fixed noise (seed), S ancestral steps (sample_steps, else T,
+    else 1000), unset options from cfg. A conditional model draws a row per class of `labels` (default all), n // rows
+    each, with guidance w. `info` gets sampler, nfe, sec_per_100, `labels` (each sample's class) and `nrow` (or None)."""
     cfg = dict(cfg, sample_steps=sample_steps or cfg.get("sample_steps"), labels=labels or cfg.get("labels"),
                guidance=cfg["guidance"] if guidance is None else guidance)
     device = next(model.parameters()).device
     S, w = cfg["sample_steps"] or cfg["T"] or 1000, cfg["guidance"] if cfg["cond"] else 0.0
     shape = (2,) if data.is_2d(cfg["data"]) else (cfg["channels"], cfg["image_size"], cfg["image_size"])
-    ys = grid_labels(cfg, n) if cfg["cond"] else None
+    ys = data.grid_labels(cfg["class_names"], cfg.get("labels"), n) if cfg["cond"] else None
     n, g = len(ys) if cfg["cond"] else n, torch.Generator(device).manual_seed(seed)
-    b0 = min(batch, n)
-    sample(model, (b0,) + shape, 1, ys[:b0].to(device) if cfg["cond"] else None, w, None, device, dtype)
-    t0, out = time.time(), []
-    for i in range(0, n, batch):
-        y = ys[i:i + batch].to(device) if cfg["cond"] else None
-        out.append(sample(model, (min(batch, n - i),) + shape, S, y, w, g, device, dtype).cpu())
-    k = torch.cat(out)              # 8-bit values -> images k / 127.5 - 1 or swirl points (k - mean) / std
+
+    def draw(i, b, steps=S, generator=g):                        # samples i..i + b - 1 as 8-bit values
+        return sample(model, (b,) + shape, steps, ys[i:i + b].to(device) if cfg["cond"] else None, w, generator,
+                      device, dtype)
+    draw(0, min(batch, n), 1, None)                              # untimed: one-time set-up is not sampling time
+    k, sec100 = data.timed_batches(draw, n, batch)               # -> images k / 127.5 - 1, swirl (k - mean) / std
     x = model.centres.cpu()[torch.arange(2), k] if data.is_2d(cfg["data"]) else data.to_float(k.to(torch.uint8))
     if info is not None:
-        info.update(sampler=sampler_name(cfg), nfe=S * (2 if w else 1), sec_per_100=100 * (time.time() - t0) / n,
+        info.update(sampler=f"ancestral{S}" + data.guidance_tag(cfg), nfe=S * (2 if w else 1), sec_per_100=sec100,
                     labels=ys, nrow=int((ys == ys[0]).sum()) if cfg["cond"] else None)
     return x
 
@@ -313,54 +255,44 @@ def generate(model, cfg, n=64, seed=0, sample_steps=None, guidance=None, labels=
 @torch.no_grad()
 def evaluate(model, cfg, seed=0, dtype="float32", batch=200):
     """The bound averaged over the test split (one draw of t, eps per example; conditional: true labels)."""
-    x, y, _ = data.load(cfg["data"], "test", cfg["image_size"], cfg["data_dir"], cfg["classes"], cfg["seed"])
-    device, sums = next(model.parameters()).device, torch.zeros(3, dtype=torch.float64)
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
-    for i in range(0, len(x), batch):
-        k = to_int(cfg, data.to_float(x[i:i + batch]).to(device))
-        terms = elbo_terms(model, k, y[i:i + batch].to(device) if cfg["cond"] else None, cfg["T"], dtype=dtype)
-        sums += torch.stack([v.double().sum().cpu() for v in terms])
-    r, p, d = (sums / len(x)).tolist()
+
+    def bound(x, y):                                             # per-example (recon, prior, diff) of a test batch
+        y = y.to(device) if cfg["cond"] else None
+        return elbo_terms(model, to_int(cfg, x.to(device)), y, cfg["T"], dtype=dtype)
+    r, p, d = data.mean_over_test(cfg, bound, batch)
     return dict(test_bpd=r + p + d, test_recon=r, test_prior=p, test_diff=d)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training: the negative ELBO in bits/dim, in one flat step loop; the run plumbing is in data.py
+# ---- Training: the negative ELBO in bits/dim, in one flat step loop; the run plumbing is in data.py --------------
 ARCH = ("data", "image_size", "channels", "classes", "class_names", "T", "schedule", "fourier", "cond", "latent",
         "ch", "ch_mult", "num_res_blocks", "attn_res", "dropout", "temb_dim", "hidden", "layers")   # fixed by a ckpt
 KEYS = ("model", "ema", "opt")                                   # the state dicts a checkpoint holds
 
 
 def train(args):
-    rank, world, device = data.setup_ddp(args.device)
-    data.seed_all(args.seed + rank)
-    ckpt = data.resume_or_refuse(args, "vdm", KEYS + ("rng",), ARCH)
+    rank, world, device, ckpt, (x, y, names) = data.start_training(args, "vdm", KEYS + ("rng",), ARCH)
     ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
-    x, y, names = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
     a["channels"], a["class_names"] = 2 if data.is_2d(a["data"]) else x.shape[1], a.get("class_names") or names
     if a["cond"] and not a["class_names"]:
         raise ValueError(f"--cond needs labelled image data; {a['data']} has no classes")
 
     model = build_model(a).to(device)
-    grid_labels(a, 1) if a["cond"] else None                     # reject a bad --labels before training
+    data.grid_labels(a["class_names"], a["labels"], 1) if a["cond"] else None  # reject a bad --labels now
     ema = copy.deepcopy(model).requires_grad_(False).eval()      # sampling weights; eval(): no dropout
-    # AdamW as the paper; no weight decay on the schedule: it would pull gamma to 0
     groups = [dict(params=[p for n, p in model.named_parameters() if not n.startswith("gamma.")]),
-              dict(params=list(model.gamma.parameters()), weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    if ckpt is not None:
-        data.load_states(ckpt, ckpt_path, model=model, ema=ema, opt=opt)
-    step = data.restore(ckpt, world)
+              dict(params=list(model.gamma.parameters()), weight_decay=0.0)]   # it would pull gamma to 0
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)   # AdamW as the paper
+    step = data.resume_states(ckpt, world, ckpt_path, model=model, ema=ema, opt=opt)
     batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
     real = data.reference(a, x, y)
     train_model = data.wrap_ddp(torch.compile(model) if args.compile else model, device)
 
     os.makedirs(args.out, exist_ok=True)
     log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
-    log(f"vdm | data {a['data']} {tuple(x.shape)} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
-        f"| device {device} x{world} | T {a['T']} {a['schedule']}"
-        f"{''.join(' ' + f for f in ('var_min', 'latent', 'cond') if a[f])} "
-        f"| batch {args.batch_size} x{world} | steps {step}..{args.steps}")
+    flags = "".join(" " + f for f in ("var_min", "latent", "cond") if a[f])
+    log(data.run_header("vdm", a, x, model, device, world, step, f"T {a['T']} {a['schedule']}{flags}"))
     sums, n_sum, avg = torch.zeros(3, dtype=torch.float64), 0, [float("nan")] * 3
     while step < args.steps:
         lr = data.set_lr(opt, data.lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule))
@@ -368,27 +300,17 @@ def train(args):
         y = torch.where(torch.rand(len(y0), device=device) < args.p_uncond, -1, y0) if a["cond"] else None  # -1: null
         terms = train_model(to_int(a, x0), y, T=a["T"], var_min=args.var_min, dtype=args.dtype)
         loss = sum(v.mean() for v in terms)                      # the negative ELBO in bits/dim
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = data.clip_grad(model, args.grad_clip)
-        opt.step()
-        bad = data.diverged([loss], [grad_norm], [model])
-        if bad:
-            data.stop_diverged(log, step, bad, ckpt_path)
+        data.optimizer_step(opt, loss, model, args.grad_clip, log, step, ckpt_path)
         step += 1
         data.ema_update(ema, model, args.ema, step)
         sums, n_sum = sums + torch.stack([v.detach().mean().double().cpu() for v in terms]), n_sum + 1
-
         if log.due(step):
             avg, (g0, g1) = (sums / n_sum).tolist(), (v.item() for v in model.gamma.endpoints())
             log.progress(step, f"loss {sum(avg):.4f} bpd (recon {avg[0]:.4f} prior {avg[1]:.4f} diff {avg[2]:.4f}) "
                                f"| gamma {g0:.2f}..{g1:.2f} | lr {lr:.2e}")
             sums, n_sum = torch.zeros(3, dtype=torch.float64), 0
-        if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
-            with log.paused():                                   # sampling is not training time
-                info = {}
-                xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype, info=info)
-                data.save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real, info["nrow"])
+        data.sample_grid(args, a, step, rank, log, real,
+                         lambda info: generate(ema, a, args.n_samples, args.seed, dtype=args.dtype, info=info))
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
             data.save_checkpoint(ckpt_path, "vdm", step, a, model=model, ema=ema, opt=opt)
 
@@ -404,35 +326,26 @@ def train(args):
 
 
 def sample_only(args):
-    """--sample-only (a grid, optionally an .npz) or --eval (test bits/dim) from a checkpoint's EMA weights; the
-    sampler flags are this command's (their defaults, not the training run's)."""
+    """--sample-only (a grid, optionally an .npz) or --eval (test bits/dim) from a checkpoint; this command's flags."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
     model, cfg = load(path, data.pick_device(args.device))
     cfg.update(sample_steps=args.sample_steps, guidance=args.guidance, labels=args.labels, seed=args.seed,
                data_dir=args.data_dir)
-    if args.labels and not cfg["cond"]:
-        raise ValueError("--labels needs a conditional checkpoint (trained with --cond)")
-    grid_labels(cfg, 1) if cfg["cond"] else None                 # a bad --labels fails before anything is written
+    data.check_labels(cfg, args.labels)                          # fails before anything is written
     data.seed_all(args.seed)
     out = data.sample_out(args, path, DEFAULT_OUT)
     if args.eval:
         test = evaluate(model, cfg, args.seed, args.dtype)
-        print(" | ".join(f"{k} {v:.4f}" for k, v in test.items()) + f" (bits/dim, EMA weights, step {cfg['step']})")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "metrics_eval.json"), "w") as f:
-            json.dump(dict(method="vdm", data=cfg["data"], step=cfg["step"], **test), f, indent=1)
-        return test
+        return data.write_eval(out, "vdm", cfg, test, f" (bits/dim, EMA weights, step {cfg['step']})")
     info, n = {}, args.n_samples or (2500 if data.is_2d(cfg["data"]) else 100)
     xs = generate(model, cfg, n, args.seed, dtype=args.dtype, info=info)
     data.write_outputs(cfg, "vdm", xs, info, out, print, dict(step=cfg["step"]), tag=info["sampler"],
                        save_npz_too=args.save_npz, labels=info["labels"], nrow=info["nrow"])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
+# ---- Command line ------------------------------------------------------------------------------------------------
 DEFAULT_OUT = "runs/vdm"
-# Training budgets that fit a laptop CPU (flags override them), with lr 1e-3 and cosine decay; the model-level
-# defaults are the paper's (its CIFAR-10 setting: README).
+# Training budgets that fit a laptop CPU (flags override them); the model-level defaults are the paper's (README).
 _TRAIN = dict(lr=1e-3, warmup=100, lr_schedule="cosine", grad_clip=1.0, ema=0.9999)
 DEFAULTS = {"data": "glyphs", "lr_note": "; the paper's 2e-4", "warmup_note": " as in the paper",
             "lr_schedule_note": "; the paper's constant",
@@ -450,10 +363,7 @@ def get_parser():
                    help="train the net schedule's interior to minimise the loss variance (Sec. 5.3)")
     d.add_argument("--latent", action=argparse.BooleanOptionalAction, default=False,
                    help="diffuse an encoder's latent (the coder is --ch wide)")
-    d.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False, help="class-conditional (+ null)")
-    d.add_argument("--p-uncond", type=float, default=0.2, help="with --cond: label dropout to the null class")
-    d.add_argument("--guidance", type=float, default=1.0, help="with --cond: w in (1 + w) eps(c) - w eps(null)")
-    d.add_argument("--labels", nargs="+", default=None, help="with --cond: the grid's classes, a row each")
+    data.add_guidance_args(d)                                    # --cond, --p-uncond, --guidance, --labels
     d.add_argument("--sample-steps", type=int, default=None, help="ancestral steps (default T, 1000 if continuous)")
     d.add_argument("--eval", action="store_true", help="only report a checkpoint's test-set bits/dim, term by term")
     return p
@@ -472,9 +382,7 @@ def main(argv=None):
               (args.latent and data.is_2d(args.data), "--latent needs image data (a conv encoder and decoder)"),
               (args.labels and not args.cond and not (args.sample_only or args.eval), "--labels needs --cond")]
     try:
-        for bad, msg in checks:
-            if bad:
-                raise ValueError(msg)
+        data.raise_first(checks)
         if not (args.sample_only or args.eval):
             data.apply_defaults(args, DEFAULTS)
             # Fourier features sin/cos(2^n pi z), n = 7, 8, resolve the 8-bit grid of images; a latent or 2-D point: none
