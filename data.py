@@ -1122,12 +1122,12 @@ def raise_first(checks):
             raise ValueError(message)
 
 
-def build_unet(a, in_ch):
-    """The shared UNet for in_ch-channel images, shaped by the model flags of add_shared_args."""
+def build_unet(a, in_ch, **kw):
+    """The shared UNet for in_ch-channel images, shaped by the model flags of add_shared_args (kw: out_ch, ...)."""
     from unet import UNet                                        # imported here: loading data needs no network
     return UNet(in_ch=in_ch, ch=a["ch"], ch_mult=tuple(a["ch_mult"]), num_res_blocks=a["num_res_blocks"],
                 attn_res=tuple(a["attn_res"]), dropout=a["dropout"], temb_dim=a["temb_dim"],
-                image_size=a["image_size"])
+                image_size=a["image_size"], **kw)
 
 
 def points_box(x, margin=0.05):
@@ -1145,6 +1145,15 @@ def pool_scores(all_scores):
         scores.update(energy=e.mean().item(), energy_std=e.std().item() if len(e) > 1 else 0.0,
                       energy_min=e.min().item(), energy_max=e.max().item(), runs=len(e))
     return scores
+
+
+def load_ema(path, method, build, keys, arch, device="cpu"):
+    """(model, cfg) from a method's ckpt.pt (load_checkpoint's keys and arch): build(args) holding the EMA weights,
+    in eval mode on `device`, and the run's settings with its step."""
+    ckpt = load_checkpoint(path, method, keys, arch)
+    model = build(ckpt["args"])
+    load_states(ckpt, path, ema=model)
+    return model.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
 
 
 def save_side_by_side(left, right, path):
@@ -1171,3 +1180,119 @@ def write_compare(out, title, results, two_d):
         with open(os.path.join(out, name), "w") as f:
             f.write(text)
     return lines
+
+
+# ---- more pieces that more than one method file can use (moved out of vdm.py) ----------------------------------
+def to_8bit(a, x):
+    """A float batch (images in [-1, 1], swirl points standardised) -> its exact 8-bit values (int64, same shape)."""
+    if is_2d(a["data"]):
+        mean, std = (v.to(x.device) for v in swirl_scale())
+        return (x * std + mean).round().long().clamp(0, 255)
+    return ((x + 1) * 127.5).round().long().clamp(0, 255)
+
+
+def swirl_grid():
+    """The swirl's 256 values per axis, (2, 256): (k - mean) / std for the 8-bit values k = 0..255 (swirl_scale)."""
+    mean, std = swirl_scale()
+    return (torch.arange(256.0)[None] - mean[:, None]) / std[:, None]
+
+
+def grid_labels(names, labels, n):
+    """A conditional grid's labels: a row per class of `labels` (names or indices; default all), n // rows each."""
+    chosen = []
+    for c in labels or names:
+        if c not in names and not (str(c).isdigit() and int(c) < len(names)):
+            raise ValueError(f"unknown label '{c}': choose from {', '.join(names)} or an index 0..{len(names) - 1}")
+        chosen.append(names.index(c) if c in names else int(c))
+    return torch.tensor(chosen).repeat_interleave(max(1, n // len(chosen)))
+
+
+def check_labels(cfg, labels):
+    """ValueError for --labels given to an unconditional checkpoint, or naming a class the model does not have."""
+    if labels and not cfg["cond"]:
+        raise ValueError("--labels needs a conditional checkpoint (trained with --cond)")
+    if cfg["cond"]:
+        grid_labels(cfg["class_names"], labels, 1)
+
+
+def guidance_tag(cfg):
+    """A sampler name's suffix for a conditional model: _w1.0 (the guidance w), then _labels3-5 for --labels."""
+    if not cfg["cond"]:
+        return ""
+    return f"_w{cfg['guidance']}" + ("_labels" + "-".join(map(str, cfg["labels"])) if cfg.get("labels") else "")
+
+
+def add_guidance_args(group):
+    """Classifier-free guidance's flags in an argparse group: --cond, --p-uncond, --guidance and --labels."""
+    group.add_argument("--cond", action=argparse.BooleanOptionalAction, default=False,
+                       help="class-conditional (+ null)")
+    group.add_argument("--p-uncond", type=float, default=0.2, help="with --cond: label dropout to the null class")
+    group.add_argument("--guidance", type=float, default=1.0, help="with --cond: w in (1 + w) eps(c) - w eps(null)")
+    group.add_argument("--labels", nargs="+", default=None, help="with --cond: the grid's classes, a row each")
+
+
+def start_training(args, method, keys, arch):
+    """(rank, world, device, ckpt, (x, y, class_names)): DDP, seeds, resume_or_refuse, then the training split."""
+    rank, world, device = setup_ddp(args.device)
+    seed_all(args.seed + rank)
+    ckpt = resume_or_refuse(args, method, keys, arch)
+    return rank, world, device, ckpt, load(args.data, "train", args.image_size, args.data_dir, args.classes, args.seed)
+
+
+def resume_states(ckpt, world, path, **states):
+    """load_states (when resuming), then restore(): the step to continue from, every state and RNG as saved."""
+    if ckpt is not None:
+        load_states(ckpt, path, **states)
+    return restore(ckpt, world)
+
+
+def run_header(method, a, x, model, device, world, step, details):
+    """A training log's first line: method, data, parameters, device, the method's `details`, batch and steps."""
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    return (f"{method} | data {a['data']} {tuple(x.shape)} | {n:.2f}M params | device {device} x{world} | {details} "
+            f"| batch {a['batch_size']} x{world} | steps {step}..{a['steps']}")
+
+
+def optimizer_step(opt, loss, model, grad_clip, log, step, ckpt_path):
+    """Backward, clip and step; a diverged update stops the run (stop_diverged) before anything can save it."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = clip_grad(model, grad_clip)
+    opt.step()
+    bad = diverged([loss], [grad_norm], [model])
+    if bad:
+        stop_diverged(log, step, bad, ckpt_path)
+
+
+def sample_grid(args, a, step, rank, log, real, draw):
+    """Every --sample-every steps but the last, rank 0 saves samples_STEP.png of draw(info), untimed (info: nrow)."""
+    if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
+        with log.paused():                                       # sampling is not training time
+            info = {}
+            x = draw(info)
+            save_samples(a, x, os.path.join(args.out, f"samples_{step:07d}.png"), real, info.get("nrow"))
+
+
+def timed_batches(draw, n, batch):
+    """draw(i, b) for the batches of b <= batch of n samples from i, concatenated on the CPU, and seconds per 100."""
+    t0 = time.time()
+    x = torch.cat([draw(i, min(batch, n - i)).cpu() for i in range(0, n, batch)])
+    return x, 100 * (time.time() - t0) / n
+
+
+def mean_over_test(a, terms, batch=200):
+    """Means over a run's test split of terms(x, y), per-example tensors summed in float64 (x float, on the CPU)."""
+    x, y, _ = load(a["data"], "test", a["image_size"], a["data_dir"], a["classes"], a["seed"])
+    sums = 0
+    for i in range(0, len(x), batch):
+        sums = sums + torch.stack([v.double().sum().cpu() for v in terms(to_float(x[i:i + batch]), y[i:i + batch])])
+    return (sums / len(x)).tolist()
+
+
+def write_eval(out, method, cfg, metrics, note=""):
+    """--eval's end: print the metrics on one line (then `note`), write OUT/metrics_eval.json; returns metrics."""
+    print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + note)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics_eval.json"), "w") as f:
+        json.dump(dict(method=method, data=cfg["data"], step=cfg["step"], **metrics), f, indent=1)
+    return metrics
