@@ -247,11 +247,8 @@ KEYS = ("G", "D", "ema", "opt_G", "opt_D")
 
 
 def train(args):
-    rank, world, device = data.setup_ddp(args.device)
-    data.seed_all(args.seed + rank)
-    ckpt = data.resume_or_refuse(args, "ddgan", KEYS, ARCH)
+    rank, world, device, ckpt, (x, y, _) = data.start_training(args, "ddgan", KEYS, ARCH)   # DDP, seeds, resume
     ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
-    x, y, _ = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
     a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
 
     # models, optimizers (Adam betas (0.5, 0.9) for both, the paper's), EMA of G
@@ -259,9 +256,7 @@ def train(args):
     ema = copy.deepcopy(G).requires_grad_(False).eval()        # sampling weights; eval(): no dropout
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr_g, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr_d, betas=(0.5, 0.9))
-    if ckpt is not None:
-        data.load_states(ckpt, ckpt_path, G=G, D=D, ema=ema, opt_G=opt_g, opt_D=opt_d)
-    step = data.restore(ckpt, world)
+    step = data.resume_states(ckpt, world, ckpt_path, G=G, D=D, ema=ema, opt_G=opt_g, opt_D=opt_d)
     batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
     real = data.reference(a, x, y)
     # D is never compiled: the R1 penalty needs a double backward, which torch.compile does not support

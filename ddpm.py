@@ -219,19 +219,14 @@ KEYS = ("model", "ema", "opt")                                   # the state dic
 
 
 def train(args):
-    rank, world, device = data.setup_ddp(args.device)
-    data.seed_all(args.seed + rank)
-    ckpt = data.resume_or_refuse(args, "ddpm", KEYS, ARCH)
+    rank, world, device, ckpt, (x, y, _) = data.start_training(args, "ddpm", KEYS, ARCH)   # DDP, seeds, resume
     ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
-    x, y, _ = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
     a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
 
     model = build_model(a, a["channels"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # sampling weights; eval(): no dropout
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    if ckpt is not None:
-        data.load_states(ckpt, ckpt_path, model=model, ema=ema, opt=opt)
-    step = data.restore(ckpt, world)
+    step = data.resume_states(ckpt, world, ckpt_path, model=model, ema=ema, opt=opt)
     batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
     real = data.reference(a, x, y)
     net = eps_fn(data.wrap_ddp(torch.compile(model) if args.compile else model, device), args.T, args.dtype)
