@@ -1602,3 +1602,24 @@ def test_plumbing_folder_keeps_channels_and_holds_out_a_split(tmp_path):
     assert set(yt.tolist()) == {0, 1, 2}
     row_labels = [int(y[(x == r).flatten(1).all(1)].unique().item()) for r in data.real_row(x, y, 6)]
     assert row_labels == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_plumbing_sample_only_needs_only_the_checkpoint(script, tmp_path, tiny_folder, capsys):
+    """--sample-only after the training data is gone: samples and metrics are written, the scores that need the
+    real data are skipped with one note."""
+    folder, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(tiny_folder, folder)
+    assert main_exit(SCRIPTS[script], _train_argv(script, folder, out)) == 0
+    shutil.rmtree(folder)
+    data._load.cache_clear()                                      # as in a new process: nothing cached in memory
+    data.classifier.cache_clear()
+    capsys.readouterr()
+    extra = ["--K", 2] if script == "shortcut_mcmc" else []
+    assert main_exit(SCRIPTS[script], ["--sample-only", "--out", out, "--n-samples", 4, "--save-npz", *extra]) == 0
+    assert "scores skipped" in capsys.readouterr().err
+    files = os.listdir(out)
+    assert any(f.startswith("samples_") and f.endswith(".png") for f in files)
+    assert any(f.startswith("samples_") and f.endswith(".npz") for f in files)
+    metrics = [json.load(open(out / f)) for f in files if f.startswith("metrics_")]
+    assert metrics and "legible" not in metrics[0] and metrics[0]["n_samples"] == 4
