@@ -1,4 +1,14 @@
-"""Data sets, batches, pictures and 2-D metrics shared by every trilemma method.
+"""Everything the trilemma methods share besides the networks: data sets, batches, pictures, scores, and the
+run plumbing (device, DDP, seeding, checkpoints, logging, shared flags, sample-only outputs).
+
+Sections, in file order:
+  glyphs, 2-D point sets, real images, load    the data sets: load(name, split, ...) -> (x, y, class_names)
+  batches                                      to_float, batches (endless, shuffled, resumable with start=)
+  pictures                                     save_grid, save_scatter
+  2-D metrics, image metrics, Frechet          score_2d, classifier, score_images, features, frechet
+  run plumbing                                 Parser and shared flags, check_args, device and DDP, seeding and
+                                               RNG state, checkpoints, the divergence guard, lr and EMA, Log,
+                                               samples/scores/metrics, and pieces more than one method uses
 
 Images come back as uint8 tensors (N, C, H, W) and are mapped to [-1, 1] only when batched, so a
 cached data set stays small. Built-in sets:
@@ -9,7 +19,7 @@ cached data set stays small. Built-in sets:
   stackedmnist three MNIST digits as the R, G, B channels, label 100 d_R + 10 d_G + d_B: 1000 modes
   path/to/dir  any image-folder tree (class sub-folders, optionally under train/ and test/)
   swirl        the shortcut-MCMC 1.5-turn spiral of 1024 points, standardised per axis
-  25gaussians  means on {-4,-2,0,2,4}^2 with std 0.05, at their natural scale (METHODS.md)
+  25gaussians  means on {-4,-2,0,2,4}^2 with std 0.05, at their natural scale
 
     x, y, class_names = load("glyphs", image_size=16)
     for x_batch, y_batch in batches(x, y, 128, flip=False): ...
