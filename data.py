@@ -1029,9 +1029,10 @@ class Log:
 
 
 def progress(done, total, t0, what="samples", every=5.0, _last={}):
-    """A sampler's progress line every `every` seconds (done of total, per second, ETA); nothing for short runs."""
+    """A sampler's progress line every `every` seconds (done of total, per second, ETA); nothing for short runs.
+    t0 is when this run of the loop began; the first line comes `every` seconds after it."""
     now = time.time()
-    if done < total and now - _last.get(what, t0) > every:
+    if done < total and now - max(_last.get(what, t0), t0) > every:      # max: a line of an earlier run is no start
         rate = done / max(now - t0, 1e-9)
         print(f"  sampling: {done}/{total} {what} | {rate:.3g}/s | eta {int((total - done) / max(rate, 1e-9))}s",
               flush=True)
@@ -1284,10 +1285,13 @@ def sample_grid(args, a, step, rank, log, real, draw):
 
 
 def timed_batches(draw, n, batch):
-    """draw(i, b) for the batches of b <= batch of n samples from i, concatenated on the CPU, and seconds per 100."""
-    t0 = time.time()
-    x = torch.cat([draw(i, min(batch, n - i)).cpu() for i in range(0, n, batch)])
-    return x, 100 * (time.time() - t0) / n
+    """draw(i, b) for the batches of b <= batch of n samples from i, concatenated on the CPU, and seconds per 100
+    (a progress line every few seconds between batches)."""
+    t0, xs = time.time(), []
+    for i in range(0, n, batch):
+        xs.append(draw(i, min(batch, n - i)).cpu())
+        progress(i + len(xs[-1]), n, t0, "samples")
+    return torch.cat(xs), 100 * (time.time() - t0) / n
 
 
 def mean_over_test(a, terms, batch=200):

@@ -87,7 +87,7 @@ def loss_simple(net, sched, x0, y=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Samplers. `net(x_t, t, y)` returns eps_hat for integer t in {1..T}; only the current x_t is kept,
-# so memory does not grow with T.
+# so memory does not grow with T. A long run prints a progress line (step, steps/s, ETA) every few seconds.
 def predict_x0(sched, x_t, t, eps_hat, clip):
     """x0_hat = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t), optionally clipped to the data range [-1, 1]."""
     ab = at(sched["alpha_bar"], t, x_t)
@@ -103,7 +103,7 @@ def sample_ancestral(net, sched, shape, var="beta", clip=True, y=None, generator
     1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - ab_t) eps_hat) when x0_hat is not clipped.
     var: sigma_t^2 = beta_t ("beta", the released CIFAR-10 run) or beta_tilde_t ("beta_tilde").
     """
-    T = len(sched["beta"])
+    T, t0 = len(sched["beta"]), time.time()
     x = torch.randn(shape, generator=generator, device=device)
     for step in range(T, 0, -1):
         t = torch.full((shape[0],), step, device=device, dtype=torch.long)
@@ -114,6 +114,7 @@ def sample_ancestral(net, sched, shape, var="beta", clip=True, y=None, generator
             x = mean + sigma2.sqrt() * torch.randn(shape, generator=generator, device=device)
         else:
             x = mean
+        data.progress(T - step + 1, T, t0, "steps")                   # a line every few seconds on long runs
     return x
 
 
@@ -132,7 +133,7 @@ def sample_ddim(net, sched, shape, S, eta=0.0, clip=True, y=None, generator=None
     eta = 1 on every step is Algorithm 2 with sigma^2 = beta_tilde.
     """
     ab_all = torch.cat([torch.ones(1), sched["alpha_bar"]]).to(device)   # ab_all[t] = alpha_bar_t, ab_0 = 1
-    steps = ddim_steps(len(sched["beta"]), S)
+    steps, t0 = ddim_steps(len(sched["beta"]), S), time.time()
     x = torch.randn(shape, generator=generator, device=device)
     for i, step in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else 0
@@ -144,6 +145,7 @@ def sample_ddim(net, sched, shape, S, eta=0.0, clip=True, y=None, generator=None
         x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - s ** 2).clamp(min=0).sqrt() * eps_hat
         if prev > 0 and eta > 0:
             x = x + s * torch.randn(shape, generator=generator, device=device)
+        data.progress(i + 1, len(steps), t0, "steps")
     return x
 
 
@@ -205,6 +207,7 @@ def generate(model, cfg, n=64, seed=0, sample_steps=None, eta=None, var=None, cl
             out.append(sample_ddim(net, sched, b, S, cfg["eta"], cfg["clip_x0"], generator=g, device=device).cpu())
         else:
             out.append(sample_ancestral(net, sched, b, cfg["var"], cfg["clip_x0"], generator=g, device=device).cpu())
+        data.progress(i + b[0], n, t0, "samples")
     if info is not None:
         info.update(sampler=sampler_name(cfg), nfe=len(ddim_steps(T, S)) if S else T,
                     sec_per_100=100 * (time.time() - t0) / n)

@@ -87,12 +87,15 @@ def run_chain(model, z, times, T, renoise, clip=True, eps_fwd=None, dtype="float
     g = model.gamma(torch.tensor(times, device=z.device) / T).detach()
     alpha, sigma = alpha_sigma(g)
     eps_fwd = z if eps_fwd is None else eps_fwd                 # sampling: z_1 ~ N(0, I) is the forward noise
+    t0, sampling = time.time(), not torch.is_grad_enabled()      # training's chain carries gradients
     for i in range(len(times)):
         eps_hat = model.eps_hat(z, g[i].expand(z.shape[0]), dtype)
         x0_hat = (z - sigma[i] * eps_hat) / alpha[i]
         x0_hat = x0_hat.clamp(model.lo, model.hi) if clip else x0_hat    # the data's box (METHODS pitfall)
         if i + 1 == len(times):
             return x0_hat
+        if sampling:                                             # --K T-1 on images: a line every few seconds
+            data.progress(i + 1, len(times), t0, "steps")
         noise = ((z - alpha[i] * x0_hat) / sigma[i] if renoise == "eps_hat" else eps_fwd if renoise == "forward"
                  else torch.randn(z.shape, generator=generator, device=z.device))  # eps_hat: DDIM eta = 0, eps
         z = alpha[i + 1] * x0_hat + sigma[i + 1] * noise                           # consistent with the clipped x0_hat
@@ -112,13 +115,14 @@ def sample_ancestral(model, shape, T, clip=True, generator=None, device="cpu", d
     Returns z_0 / alpha_0 (NFE = T)."""
     g = model.gamma(torch.arange(T + 1, device=device) / T).double()
     alpha, sigma = (v.float() for v in alpha_sigma(g))
-    z = torch.randn(shape, generator=generator, device=device)
+    z, t0 = torch.randn(shape, generator=generator, device=device), time.time()
     for n in range(T, 0, -1):
         x0_hat = (z - sigma[n] * model.eps_hat(z, g[n].float().expand(shape[0]), dtype)) / alpha[n]
         x0_hat = x0_hat.clamp(model.lo, model.hi) if clip else x0_hat
         c = -torch.expm1(g[n - 1] - g[n]).float()
         z = alpha[n - 1] / alpha[n] * (1 - c) * z + alpha[n - 1] * c * x0_hat \
             + sigma[n - 1] * c.sqrt() * torch.randn(shape, generator=generator, device=device)
+        data.progress(T - n + 1, T, t0, "steps")                 # a line every few seconds on long runs
     return (z / alpha[0]).clamp(model.lo, model.hi) if clip else z / alpha[0]
 
 
@@ -200,6 +204,7 @@ def generate(model, cfg, n=64, seed=0, times=None, K=None, renoise=None, clip_x0
     for b in [(min(batch, n - i),) + shape for i in range(0, n, batch)]:
         out.append((sample_chain(model, b, chain, T, cfg["renoise"], cfg["clip_x0"], g, device, dtype) if chain else
                     sample_ancestral(model, b, T, cfg["clip_x0"], g, device, dtype)).cpu())
+        data.progress(sum(map(len, out)), n, t0, "samples")
     if info is not None:
         info.update(sampler=sampler_name(cfg), nfe=len(chain) if chain else T, sec_per_100=100 * (time.time() - t0) / n)
     return torch.cat(out)

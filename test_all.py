@@ -1623,3 +1623,29 @@ def test_plumbing_sample_only_needs_only_the_checkpoint(script, tmp_path, tiny_f
     assert any(f.startswith("samples_") and f.endswith(".npz") for f in files)
     metrics = [json.load(open(out / f)) for f in files if f.startswith("metrics_")]
     assert metrics and "legible" not in metrics[0] and metrics[0]["n_samples"] == 4
+
+
+# ====================================================================================================
+# Issue 15: sampler progress, DDPM's schedule names, the shortcut-MCMC terms, class-conditional DDPM
+def test_long_samplers_print_progress_and_keep_their_numbers(monkeypatch, capsys):
+    """Every many-step sampler prints a progress line every few seconds (here a fake clock that ticks 1 s per
+    reading), with steps done, rate and ETA; printing changes no sample: the same seed gives the same numbers."""
+    T, sched, sm_model, vdm_model = 40, ddpm.make_schedule(40), toy_model(), swirl_model()
+
+    def g():
+        return torch.Generator().manual_seed(0)
+    runs = {"ddpm ancestral": lambda: ddpm.sample_ancestral(toy_eps(T), sched, (3, 2), generator=g()),
+            "ddpm ddim": lambda: ddpm.sample_ddim(toy_eps(T), sched, (3, 2), S=T, eta=0.5, generator=g()),
+            "vdm": lambda: vdm.sample(vdm_model, (3, 2), T, generator=g()),
+            "shortcut ancestral": lambda: sm.sample_ancestral(sm_model, (3, 2), T, generator=g()),
+            "shortcut chain": lambda: sm.sample_chain(sm_model, (3, 2), sm.chain_times(T, T - 1), T, "fresh",
+                                                      generator=g())}
+    quiet = {k: run() for k, run in runs.items()}
+    assert "sampling:" not in capsys.readouterr().out                 # a real clock: short runs print nothing
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(time, "time", lambda: float(next(clock)))
+    for k, run in runs.items():
+        x = run()
+        out = capsys.readouterr().out
+        assert f"/{T} steps" in out and "/s | eta" in out, k
+        assert torch.equal(x, quiet[k]), k

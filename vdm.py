@@ -13,6 +13,7 @@ import argparse
 import copy
 import math
 import os
+import time
 
 import torch
 import torch.nn as nn
@@ -200,10 +201,11 @@ def sample(model, shape, S, y=None, w=0.0, generator=None, device="cpu", dtype="
     """S ancestral steps from z_1 ~ N(0, I) on t_i = i / S, then k = argmax of the 256 logits of p(x | z_0).
     Only the current z is kept, so memory does not grow with S. Returns k (int64, `shape`)."""
     gamma = model.gamma(torch.linspace(0, 1, S + 1, device=device)).double().cpu()   # gamma(t_i), i = 0..S
-    z = torch.randn(shape, generator=generator, device=device)
+    z, t0 = torch.randn(shape, generator=generator, device=device), time.time()
     for i in range(S, 0, -1):
         eps_hat = eps_model(model, z, torch.full((shape[0],), gamma[i].item(), device=device), y, w, dtype)
         z = sample_step(z, eps_hat, gamma[i], gamma[i - 1], torch.randn(shape, generator=generator, device=device))
+        data.progress(S - i + 1, S, t0, "steps")                 # a line every few seconds on long runs
     g0 = torch.tensor(gamma[0].item(), device=device)
     return decoder_logits(model, z / alpha_sigma(g0)[0], g0).argmax(-1)
 
