@@ -563,7 +563,7 @@ def classifier(name, image_size=16, data_dir="./data", classes=None, epochs=3):
         net.load_state_dict(saved["state"])
         return net.eval().requires_grad_(False), saved["acc"], names
     xt, yt, _ = load(name, "test", image_size, data_dir, classes)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.enable_grad():               # also when called under no_grad
         torch.manual_seed(0)
         net = _classifier(x.shape[1], image_size, k)                   # the same init on every machine
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -916,7 +916,7 @@ def resume_or_refuse(args, method, keys, arch):
         if os.path.exists(path):
             raise ValueError(f"{path} exists: pass --resume to continue that run, or choose another --out")
         return None
-    ckpt = load_checkpoint(path, method, (*keys, "rng"), arch)   # "rng": an exact resume needs every RNG's state
+    ckpt = load_checkpoint(path, method, (*keys, "rng"), arch, upgrade)   # "rng": an exact resume needs every RNG
     vars(args).update({k: ckpt["args"][k] for k in arch})
     return ckpt
 
@@ -1079,6 +1079,8 @@ def score(a, x, labels=None):
         return score_2d(x, a["data"], seed=a["seed"])
     try:
         scores = score_images(x, a["data"], a["image_size"], a["data_dir"], a["classes"])
+        if scores:
+            scores.update(fd_scores(a, x))
         if scores and labels is not None:
             net = classifier(a["data"], a["image_size"], a["data_dir"],
                              tuple(map(str, a["classes"])) if a["classes"] else None)[0]

@@ -70,7 +70,7 @@ def cifar_folder(tmp_path_factory):
 
 # ====================================================================================================
 # DDPM: math
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["vp", "cosine"])
 @pytest.mark.parametrize("T", [1, 2, 4, 20, 50, 1000, 4000])
 def test_schedule_valid_for_every_T(kind, T):
     s = ddpm.make_schedule(T, kind)
@@ -82,7 +82,7 @@ def test_schedule_valid_for_every_T(kind, T):
 
 
 def test_linear_schedule_reproduces_paper_at_T1000():
-    beta = ddpm.make_schedule(1000)["beta"].double()
+    beta = ddpm.make_schedule(1000, "vp")["beta"].double()             # the default vp: the paper's within 3e-4
     paper = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     assert abs(beta[0] - 1e-4) < 2e-5 and abs(beta[-1] - 0.02) < 3e-4
     assert (beta - paper).abs().max() < 3e-4
@@ -960,13 +960,38 @@ def test_ddgan_hinge_losses_closed_form():
 
 
 def test_ddgan_d_steps_per_g_step(tmp_path, monkeypatch):
-    """--d-steps 2: two D updates (each with a fresh t, pair and z) for every G update."""
+    """--d-steps 2: two D updates (each on a fresh draw of t, pair and z) for every G update."""
     calls = []
     for name in ("d_step", "g_step"):
         orig = getattr(ddgan, name)
         monkeypatch.setattr(ddgan, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
     ddgan.main(_small_image_flags(str(tmp_path / "ds"), steps=3) + ["--d-steps", "2"])
     assert calls == ["d_step", "d_step", "g_step"] * 3
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_ddgan_share_fake_draws(tmp_path, monkeypatch, share):
+    """--share-fake: the G step reuses the last D step's draw (made with grad), so d_steps draws per iteration;
+    --no-share-fake (the paper's): a fresh one for G, d_steps + 1 draws, the G step's made with grad."""
+    draws, pairs = [], []
+    orig_draw, orig_g = ddgan.draw, ddgan.g_step
+    monkeypatch.setattr(ddgan, "draw", lambda *a: draws.append(torch.is_grad_enabled()) or orig_draw(*a))
+    monkeypatch.setattr(ddgan, "g_step", lambda disc, G, D, opt, pair, *a: pairs.append(pair[3].requires_grad)
+                        or orig_g(disc, G, D, opt, pair, *a))
+    flag = "--share-fake" if share else "--no-share-fake"
+    ddgan.main(_small_image_flags(str(tmp_path / "sf"), steps=2) + ["--d-steps", "2", flag])
+    assert draws == ([False, True] if share else [False, False, True]) * 2
+    assert pairs == [True, True]                       # G's gradient flows through the fake it is scored on
+
+
+def test_fd_scores_real_near_floor_noise_far():
+    """fd of real held-out images is near fd_floor; smooth noise is far above it."""
+    a = dict(data="glyphs-mono", image_size=8, data_dir="./data", classes=None, seed=0)
+    real = data.to_float(data.load("glyphs-mono", "test", 8, "./data", None, 0)[0][:200])
+    noise = torch.nn.functional.avg_pool2d(torch.rand(200, 1, 8, 8) * 2 - 1, 3, 1, 1)
+    r, n = data.fd_scores(a, real), data.fd_scores(a, noise)
+    assert r["fd_floor"] == n["fd_floor"] and r["fd_floor"] > 0
+    assert r["fd"] < 2 * r["fd_floor"] and n["fd"] > 10 * r["fd_floor"]
 
 
 def test_ddgan_r1_is_nonzero_and_differentiable_in_D():
@@ -1649,3 +1674,35 @@ def test_long_samplers_print_progress_and_keep_their_numbers(monkeypatch, capsys
         out = capsys.readouterr().out
         assert f"/{T} steps" in out and "/s | eta" in out, k
         assert torch.equal(x, quiet[k]), k
+
+
+@pytest.mark.parametrize("T", [1, 2, 20, 1000])
+def test_ddpm_linear_schedule_is_the_papers_linspace(T):
+    beta = ddpm.make_schedule(T, "linear")["beta"]
+    assert torch.equal(beta, torch.linspace(1e-4, 0.02, T, dtype=torch.float64).float())
+
+
+def test_ddpm_vp_default_reaches_noise_at_small_T_where_linear_does_not():
+    assert ddpm.get_parser().parse_args([]).schedule == "vp"
+    assert ddpm.make_schedule(20)["alpha_bar"][-1] < 1e-3                # vp: x_T ~ N(0, I) at T = 20
+    assert ddpm.make_schedule(20, "linear")["alpha_bar"][-1] > 0.5       # the paper's linspace: far from it
+
+
+def test_ddpm_old_checkpoint_linear_means_vp(tmp_path):
+    """A checkpoint written before "vp" had its name (no "version" key) called the VP curve "linear": loading it
+    (to sample or to resume) reads vp, so its samples do not change; a new checkpoint's "linear" stays linear."""
+    out = tmp_path / "new"
+    ddpm.main(["--data", "25gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "16", "--layers", "1",
+               "--T", "10", "--n-samples", "20", "--out", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["schedule"] == "vp" and ckpt["args"]["version"] == ddpm.VERSION
+    for name, version, want in (("old", None, "vp"), ("linear", ddpm.VERSION, "linear")):
+        (tmp_path / name).mkdir()
+        args = {k: v for k, v in ckpt["args"].items() if k != "version"}
+        torch.save(dict(ckpt, args=dict(args, schedule="linear", **({"version": version} if version else {}))),
+                   tmp_path / name / "ckpt.pt")
+        assert ddpm.load(str(tmp_path / name / "ckpt.pt"))[1]["schedule"] == want
+    samples = [ddpm.generate(*ddpm.load(str(tmp_path / d / "ckpt.pt")), n=20) for d in ("new", "old", "linear")]
+    assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
+    ddpm.main(["--steps", "3", "--n-samples", "20", "--out", str(tmp_path / "old"), "--resume"])
+    assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["args"]["schedule"] == "vp"
