@@ -878,9 +878,10 @@ def save_checkpoint(path, method, step, args, **states):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, method, keys=(), arch=()):
+def load_checkpoint(path, method, keys=(), arch=(), upgrade=None):
     """Read a checkpoint of `method` holding `keys` (state dicts) and `arch` (in its args), or raise a ValueError
-    of one line: missing, unreadable (truncated, random bytes), another method's, or incomplete."""
+    of one line: missing, unreadable (truncated, random bytes), another method's, or incomplete. upgrade(args), if
+    given, first brings the settings of a checkpoint written by an older version of the method up to date."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     try:
@@ -890,6 +891,8 @@ def load_checkpoint(path, method, keys=(), arch=()):
     if not isinstance(ckpt, dict) or ckpt.get("method") != method:
         found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a {method} checkpoint (method: {found})")
+    if upgrade is not None and isinstance(ckpt.get("args"), dict):
+        upgrade(ckpt["args"])
     missing = [k for k in ("step", "args", *keys) if k not in ckpt]
     missing += [f"args.{k}" for k in arch if k not in ckpt.get("args", {})]
     if missing:
@@ -908,7 +911,7 @@ def load_states(ckpt, path, **targets):
             raise ValueError(f"{path} does not fit this model ({name}): {first[:200]}") from None
 
 
-def resume_or_refuse(args, method, keys, arch):
+def resume_or_refuse(args, method, keys, arch, upgrade=None):
     """--resume: the run's checkpoint, whose architecture flags (arch) replace the command line's. Otherwise
     refuse to train over an existing ckpt.pt. Raises ValueError; writes nothing."""
     path = os.path.join(args.out, "ckpt.pt")
@@ -1091,6 +1094,18 @@ def score(a, x, labels=None):
         return {}
 
 
+def fd_scores(a, x):
+    """'fd': the Frechet distance of samples x to the real test split in the classifier's features (the classifier
+    of every class, as trilemma.py); 'fd_floor': the same for as many real training images (seeded), which is
+    what a perfect sampler would score with this many samples."""
+    test = to_float(load(a["data"], "test", a["image_size"], a["data_dir"], a["classes"], a["seed"])[0])
+    train = load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])[0]
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(a["seed"]))[:len(x)]
+    feat = functools.partial(features, name=a["data"], image_size=a["image_size"], data_dir=a["data_dir"])
+    ref = feat(test)
+    return {"fd": frechet(feat(x), ref), "fd_floor": frechet(feat(to_float(train[pick])), ref)}
+
+
 def finish(a, method, sampler, nfe, sec100, n, scores, path, log, extra):
     """Write metrics.json (the same keys in every method) and print the final line."""
     m = dict(method=method, data=a["data"], sampler=sampler, nfe=nfe, sec_per_100=round(sec100, 4), n_samples=n,
@@ -1244,11 +1259,11 @@ def add_guidance_args(group):
     group.add_argument("--labels", nargs="+", default=None, help="with --cond: the grid's classes, a row each")
 
 
-def start_training(args, method, keys, arch):
+def start_training(args, method, keys, arch, upgrade=None):
     """(rank, world, device, ckpt, (x, y, class_names)): DDP, seeds, resume_or_refuse, then the training split."""
     rank, world, device = setup_ddp(args.device)
     seed_all(args.seed + rank)
-    ckpt = resume_or_refuse(args, method, keys, arch)
+    ckpt = resume_or_refuse(args, method, keys, arch, upgrade)
     return rank, world, device, ckpt, load(args.data, "train", args.image_size, args.data_dir, args.classes, args.seed)
 
 
