@@ -28,19 +28,24 @@ from unet import MLP, UNet
 
 # ----------------------------------------------------------------------------------------------------
 # Schedule
-def make_schedule(T, kind="linear", beta_min=0.1, beta_max=20.0):
+def make_schedule(T, kind="vp", beta_min=0.1, beta_max=20.0):
     """Return a dict of float32 tensors of length T (index t - 1 holds the value for step t).
 
-    linear: the continuous VP schedule alpha_bar(s) = exp(-0.5 s^2 (b_max - b_min) - s b_min), s = t / T.
-      At T = 1000 its betas run from ~1e-4 to ~0.02 (the paper's linear schedule), and unlike scaling
-      those endpoints it stays valid (0 < beta < 1, alpha_bar_T ~ 4e-5) for every T, down to T = 1.
+    vp (the default): the continuous VP schedule alpha_bar(s) = exp(-0.5 s^2 (b_max - b_min) - s b_min), s = t / T.
+      At T = 1000 its betas run from ~1e-4 to ~0.02, within 3e-4 of the paper's linear ones, and unlike those
+      it stays valid (0 < beta < 1, alpha_bar_T ~ 4e-5) for every T, down to T = 1.
+    linear: the paper's betas exactly, torch.linspace(1e-4, 0.02, T) (Sec. 4). Made for T = 1000: at smaller T
+      alpha_bar_T stays far from 0 (0.132 at T = 200, 0.603 at T = 50, 0.82 at T = 20), so x_T is not N(0, I)
+      and sampling from pure noise gives noise. That is why vp is the default.
     cosine: Nichol & Dhariwal 2021, alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2),
       s = 0.008, with beta clipped at 0.999.
     """
     s = torch.arange(T + 1, dtype=torch.float64) / T                  # s_0 = 0 .. s_T = 1
-    if kind == "linear":
+    if kind == "vp":
         log_ab = -0.5 * s ** 2 * (beta_max - beta_min) - s * beta_min
         beta = -torch.expm1(log_ab[1:] - log_ab[:-1])                   # 1 - ab_t / ab_{t-1}, exact for tiny beta
+    elif kind == "linear":
+        beta = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     elif kind == "cosine":
         f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         beta = (1 - f[1:] / f[:-1]).clamp(max=0.999)
@@ -178,7 +183,7 @@ def sampler_name(cfg):
 
 def load(path, device="cpu"):
     """(model, cfg) from a ckpt.pt: the EMA weights in eval mode on `device`, and the run's settings."""
-    ckpt = data.load_checkpoint(path, "ddpm", KEYS, ARCH + ("var", "eta", "clip_x0"))
+    ckpt = data.load_checkpoint(path, "ddpm", KEYS, ARCH + ("var", "eta", "clip_x0"), upgrade)
     model = build_model(ckpt["args"], ckpt["args"]["channels"])
     data.load_states(ckpt, path, ema=model)
     return model.to(device).eval(), dict(ckpt["args"], step=ckpt["step"])
@@ -219,11 +224,20 @@ def generate(model, cfg, n=64, seed=0, sample_steps=None, eta=None, var=None, cl
 ARCH = ("data", "image_size", "channels", "classes", "T", "schedule", "ch", "ch_mult", "num_res_blocks",
         "attn_res", "dropout", "temb_dim", "hidden", "layers")   # what a checkpoint fixes
 KEYS = ("model", "ema", "opt")                                   # the state dicts a checkpoint holds
+VERSION = 2                                                      # of a checkpoint's settings, see upgrade()
+
+
+def upgrade(a):
+    """Bring the settings `a` of an older checkpoint up to VERSION, in place. Version 1 (no "version" key) named the
+    VP curve "linear"; that name now means the paper's exact linspace, so its "linear" becomes "vp"."""
+    if a.get("version", 1) < 2:
+        a.update(schedule="vp" if a.get("schedule") == "linear" else a.get("schedule"), version=2)
 
 
 def train(args):
-    rank, world, device, ckpt, (x, y, _) = data.start_training(args, "ddpm", KEYS, ARCH)   # DDP, seeds, resume
+    rank, world, device, ckpt, (x, y, _) = data.start_training(args, "ddpm", KEYS, ARCH, upgrade)   # DDP, seeds, resume
     ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
+    a["version"] = VERSION
     a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
 
     model = build_model(a, a["channels"]).to(device)
@@ -306,7 +320,9 @@ def get_parser():
                          "| path to an image folder")
     d = p.add_argument_group("diffusion and sampling")
     d.add_argument("--T", type=int, default=1000, help="number of diffusion steps")
-    d.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="beta schedule")
+    d.add_argument("--schedule", choices=["vp", "linear", "cosine"], default="vp", help="beta schedule: vp, the "
+                   "continuous VP curve (~ the paper's at T=1000, valid for every T); linear, the paper's exact "
+                   "1e-4..0.02 (alpha_bar_T far from 0 below T~500); cosine (Nichol & Dhariwal)")
     d.add_argument("--var", choices=["beta", "beta_tilde"], default="beta", help="sampling variance sigma_t^2 of Alg. 2")
     d.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clip x0_hat to [-1, 1] while sampling (default: on for images, off for 2-D)")

@@ -44,17 +44,19 @@ def alpha_sigma(gamma):
 
 
 class ShortcutVDM(nn.Module):
-    """The denoiser, the learnable linear schedule, and the data's box (for clipping x0_hat) and bin width (for
-    the 8-bit likelihood) as buffers shaped like one example. forward() returns the training losses, so DDP
-    wraps a single call however many network calls the chain makes."""
+    """The denoiser, the learnable linear schedule, and the data's box (for clipping x0_hat), bin width and edge bins
+    (for the 8-bit likelihood: the values of bins 0 and 255, default the box) as buffers shaped like one example.
+    forward() returns the training losses, so DDP wraps a single call however many network calls the chain makes."""
 
-    def __init__(self, net, lo, hi, bin_width):
+    def __init__(self, net, lo, hi, bin_width, edges=None):
         super().__init__()
         self.net = net
         self.b = nn.Parameter(torch.tensor(GAMMA_MIN))
         self.w = nn.Parameter(torch.tensor(GAMMA_MAX - GAMMA_MIN))
         for name, v in (("lo", lo), ("hi", hi), ("bin_width", bin_width)):
             self.register_buffer(name, v)
+        for name, v in zip(("x_first", "x_last"), edges or (lo, hi)):   # not saved: set by build_model
+            self.register_buffer(name, v, persistent=False)
 
     def gamma(self, t):
         return self.b + self.w.abs() * t
@@ -129,18 +131,32 @@ def sample_ancestral(model, shape, T, clip=True, generator=None, device="cpu", d
 # ----------------------------------------------------------------------------------------------------
 # Losses: the VDM bound (continuous time) + lambda_fid * the fidelity loss through the chain
 def energy_distance(x, y):
-    """2 E|X - Y| - E|X - X'| - E|Y - Y'| between two batches, flattened per example (the MMD variant)."""
+    """2 E|X - Y| - E|X - X'| - E|Y - Y'| between two batches, flattened per example (the MMD variant), per dimension:
+    the distances are divided by sqrt(D), so that --lambda-fid weighs 2-D points and D-pixel images alike (between
+    N(0, I) and N(0.5, I) it is ~0.15 at D = 2 and ~0.17 for large D, where unnormalised it would grow as sqrt(D))."""
     x, y = x.flatten(1), y.flatten(1)
-    return 2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()
+    ed = 2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()
+    return ed / x.shape[1] ** 0.5
+
+
+def recon_nll(model, x0, e0, gamma0):
+    """-log p(x0 | z_0) per element, z_0 / alpha_0 = x0 + exp(gamma_0 / 2) e0: a Gaussian of std exp(gamma_0 / 2)
+    around z_0 / alpha_0 integrated over x0's 8-bit bin, bins 0 and 255 out to -inf and +inf (DDPM Eq. 13)."""
+    h = (model.bin_width / (2 * torch.exp(0.5 * gamma0))).double()   # half a bin in units of the decoder's std
+    e0, half = e0.double(), model.bin_width / 2
+    upper = torch.where(x0 > model.x_last - half, torch.inf, h - e0)     # bin 255 reaches +inf,
+    lower = torch.where(x0 < model.x_first + half, -torch.inf, -h - e0)  # bin 0 reaches -inf
+    return -torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))   # float64
 
 
 def losses(model, x0, cfg, use_fid):
     """Per-dimension (nats) terms (diff, prior, recon, fid) for a batch x0 (B, ...) in the data's units.
     diff:  VDM's continuous L_diff: 0.5 gamma'(t) ||eps - eps_hat(z_t; gamma_t)||^2, antithetic t, gamma' = |w|.
     prior: KL(q(z_1 | x) || N(0, I)) = 0.5 (sigma_1^2 + alpha_1^2 x^2 - log sigma_1^2 - 1).
-    recon: -log p(x | z_0), a Gaussian of std exp(gamma_0 / 2) around z_0 / alpha_0 integrated over x's 8-bit bin.
+    recon: -log p(x | z_0) (recon_nll): the decoder's Gaussian integrated over x's 8-bit bin (DDPM Eq. 13).
     fid:   the paper's fidelity loss ||x0 - x0_hat||^2 of the K-step chain started at alpha_1 x0 + sigma_1 eps
-           (--fidelity l2), or the variant: energy distance between chain outputs from N(0, I) and the batch."""
+           (--fidelity l2), or the variant: energy distance between chain outputs from N(0, I) and the batch,
+           per dimension (energy_distance), like the per-dimension means of the other terms."""
     B, view = x0.shape[0], (-1,) + (1,) * (x0.dim() - 1)
     g0, g1 = model.gamma(x0.new_zeros(())), model.gamma(x0.new_ones(()))
     t = (torch.rand(1, device=x0.device) + torch.arange(B, device=x0.device) / B) % 1
@@ -150,9 +166,7 @@ def losses(model, x0, cfg, use_fid):
     diff = 0.5 * model.w.abs() * ((eps - model.eps_hat(alpha_t * x0 + sigma_t * eps, gamma_t, cfg["dtype"])) ** 2).mean()
     a2 = torch.sigmoid(-g1)
     prior = 0.5 * (a2 * x0 ** 2 - a2 + F.softplus(-g1)).mean()  # sigma_1^2 - 1 = -alpha_1^2, -log sigma_1^2 = softplus(-g1)
-    h = (model.bin_width / (2 * torch.exp(0.5 * g0))).double()  # half a bin in units of the decoder's std
-    e0 = torch.randn_like(x0).double()
-    recon = -torch.log((torch.special.ndtr(h - e0) - torch.special.ndtr(-h - e0)).clamp(min=1e-12)).mean().float()
+    recon = recon_nll(model, x0, torch.randn_like(x0), g0).mean().float()
     fid = x0.new_zeros(())
     if use_fid:
         times = chain_times(cfg["T"], cfg["K"], "random")       # fresh times every iteration (the public code froze them)
@@ -173,10 +187,12 @@ def build_model(a):
     if data.is_2d(a["data"]):
         net = MLP(in_dim=2, hidden=a["hidden"], layers=a["layers"])
         lo, hi, bw = torch.tensor(a["box"][0]), torch.tensor(a["box"][1]), 1 / data.swirl_scale()[1]
+        edges = tuple(data.swirl_grid()[:, [0, 255]].T.contiguous())  # the values of 8-bit 0 and 255 per axis
     else:
         net = data.build_unet(a, a["channels"])
         lo, hi, bw = torch.tensor(-1.0), torch.tensor(1.0), torch.tensor(2 / 255)
-    return ShortcutVDM(net, lo.float(), hi.float(), bw.float())
+        edges = (lo, hi)
+    return ShortcutVDM(net, lo.float(), hi.float(), bw.float(), tuple(v.float() for v in edges))
 
 
 def sampler_name(cfg):

@@ -1706,3 +1706,31 @@ def test_ddpm_old_checkpoint_linear_means_vp(tmp_path):
     assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
     ddpm.main(["--steps", "3", "--n-samples", "20", "--out", str(tmp_path / "old"), "--resume"])
     assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["args"]["schedule"] == "vp"
+
+
+@pytest.mark.parametrize("data_name", ["glyphs", "swirl"])
+def test_shortcut_recon_bins_hold_all_the_mass(data_name):
+    """DDPM Eq. 13: for any decoder mean u, p(k | z_0) over the 256 bins sums to 1, because bins 0 and 255 reach
+    -inf and +inf (integrating each bin over its own width alone loses the tails beyond the two edges)."""
+    a = dict(data=data_name, channels=1, hidden=8, layers=1, box=[[-3.0, -3.0], [3.0, 3.0]], ch=8, ch_mult=[1],
+             num_res_blocks=1, attn_res=[], dropout=0.0, temb_dim=None, image_size=8)
+    model = sm.build_model(a)
+    grid = data.swirl_grid()[0] if data_name == "swirl" else torch.arange(256.0) / 127.5 - 1   # bin values, axis 0
+    for g0 in (-13.3, -6.0, -2.0):
+        std = math.exp(g0 / 2)
+        for u in (grid[0] - 3 * std, grid[0] + 0.3 * (grid[1] - grid[0]), grid[100], grid[255] + 5 * std):
+            x = grid[:, None].expand(256, 2) if data_name == "swirl" else grid.view(256, 1, 1, 1)
+            nll = sm.recon_nll(model, x, (u - x) / std, torch.tensor(g0))
+            total = torch.exp(-nll.flatten(1)[:, 0]).sum().item()
+            assert abs(total - 1) < 1e-5, (g0, u)
+
+
+def test_shortcut_energy_distance_is_per_dimension():
+    """The fidelity variant's energy distance between N(0, I) and N(0.5, I) is about the same at D = 2 and D = 256,
+    so --lambda-fid means the same on 2-D points and on images (unnormalised it would be ~11x larger at 256)."""
+    g = torch.Generator().manual_seed(0)
+    ed = {D: sm.energy_distance(torch.randn(2000, D, generator=g), torch.randn(2000, D, generator=g) + 0.5).item()
+          for D in (2, 256)}
+    assert 0.12 < ed[2] < 0.19 and 0.14 < ed[256] < 0.2 and 0.7 < ed[2] / ed[256] < 1.3
+    same = sm.energy_distance(torch.randn(2000, 256, generator=g), torch.randn(2000, 256, generator=g)).item()
+    assert abs(same) < 0.01

@@ -249,6 +249,15 @@ class Discriminator(nn.Module):
     level halves H and W), LeakyReLU(0.2) and no normalisation; then minibatch standard deviation (one extra
     feature map), conv3x3 + LeakyReLU, sum-pooling over space and a linear head. Default PyTorch init (no
     zero-init): a GAN's D must respond to its input from step 0.
+
+    Simplified from the paper's (official) small D in: (1) downsampling is a stride-2 conv3x3 (and a stride-2 1x1
+    skip), not a [1, 3, 3, 1] FIR blur before a stride-1 conv; (2) conv_in is a 3x3 conv to ch, not a 1x1 conv to
+    2 ngf; (3) the widths follow ch and ch_mult (CIFAR-10's D: 1x1 to 128, then 128, 256, 512, 512 with three
+    halvings, 32 -> 4); (4) the time embedding is sinusoid(ch) -> temb_dim -> temb_dim, not 128 -> 128 -> 128;
+    (5) PyTorch's default init, where the official code uses DDPM's variance-scaling init with each block's second
+    conv and the final conv started near zero; (6) the minibatch-std group is the largest divisor of B <= 4
+    (the official code needs B divisible by min(B, 4)). The block order, the time embedding as a per-block bias,
+    minibatch std, sum-pooling and the logit head are the paper's.
     """
 
     def __init__(self, in_ch=6, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, temb_dim=None, image_size=16):
