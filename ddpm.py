@@ -4,11 +4,14 @@ Idea: a fixed forward process adds Gaussian noise in T small steps,
 q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), so that x_T is close to N(0, I). A network
 eps_theta(x_t, t) learns to predict the noise in x_t (L_simple, Eq. 14), and Algorithm 2 walks back from
 x_T ~ N(0, I) to x_0 one step at a time. DDIM (Song et al. 2021) samples the same network on a
-sub-sequence of S << T steps.
+sub-sequence of S << T steps. --cond adds class labels with classifier-free guidance (Ho & Salimans 2022):
+labels are dropped to a null class with probability --p-uncond in training, and sampling uses
+eps = (1 + w) eps(x_t, c) - w eps(x_t, null) with w = --guidance, as vdm.py does.
 
 Run:   python ddpm.py                                  # glyphs 16x16, CPU-sized model, ~15 min on 2 cores
        python ddpm.py --data 25gaussians               # 2-D mixture, MLP denoiser
        python ddpm.py --sample-only --out runs/ddpm --sample-steps 50 --save-npz
+       python ddpm.py --cond --out runs/ddpm_cond      # class-conditional glyphs; a row per digit
 
 t convention: t runs over {1..T}; beta[t - 1] is beta_t, alpha_bar[t - 1] is alpha_bar_t and alpha_bar_0 = 1.
 The network sees t rescaled to 1000 t / T, so the time embedding spans the same range for every T.
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from unet import MLP, UNet
+from unet import MLP
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,7 +86,8 @@ def q_posterior(sched, x0, x_t, t):
 
 
 def loss_simple(net, sched, x0, y=None):
-    """Eq. 14 (L_simple): || eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t) ||^2, t ~ U{1..T}."""
+    """Eq. 14 (L_simple): || eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t, y) ||^2, t ~ U{1..T}
+    (y: class labels, -1 the null class, or None)."""
     T = len(sched["beta"])
     t = torch.randint(1, T + 1, (x0.shape[0],), device=x0.device)
     eps = torch.randn_like(x0)
@@ -157,28 +161,36 @@ def sample_ddim(net, sched, shape, S, eta=0.0, clip=True, y=None, generator=None
 # ----------------------------------------------------------------------------------------------------
 # The model, and sampling from it
 def build_model(a, in_ch):
-    """The denoiser: the shared UNet for images, the MLP for 2-D points."""
+    """The denoiser: the shared UNet for images (with --cond, a label embedding plus a null class), the MLP for
+    2-D points."""
     if data.is_2d(a["data"]):
         return MLP(in_dim=2, hidden=a["hidden"], layers=a["layers"])
-    return UNet(in_ch=in_ch, ch=a["ch"], ch_mult=tuple(a["ch_mult"]), num_res_blocks=a["num_res_blocks"],
-                attn_res=tuple(a["attn_res"]), dropout=a["dropout"], temb_dim=a["temb_dim"],
-                image_size=a["image_size"])
+    return data.build_unet(a, in_ch, num_classes=len(a["class_names"]) if a["cond"] else 0)
 
 
-def eps_fn(model, T, dtype):
+def eps_fn(model, T, dtype, w=0.0):
     """Wrap the network as eps_theta(x_t, t, y): t in {1..T} is rescaled to 1000 t / T; only the network runs
-    under autocast, the schedule math stays in float32."""
+    under autocast, the schedule math stays in float32. With labels y and w != 0, classifier-free guidance
+    (Ho & Salimans 2022) eps = (1 + w) eps(x_t, c) - w eps(x_t, null), in one batch of 2B (w = 0: the conditional
+    model); y = -1 is the null class."""
     def net(x, t, y=None):
+        guide = y is not None and w != 0
+        if guide:
+            x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)])   # (2B, ...)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            return model(x, t.float() * (1000.0 / T)).float()
+            eps = model(x, t.float() * (1000.0 / T), y).float()
+        return (1 + w) * eps.chunk(2)[0] - w * eps.chunk(2)[1] if guide else eps
     return net
 
 
 def sampler_name(cfg):
-    """The sampler in words, e.g. ancestral_beta or ddim50_eta0.0 (file names and metrics.json)."""
+    """The sampler in words, e.g. ancestral_beta, ddim50_eta0.0 or, conditional, ancestral_beta_w1.0_labels3
+    (file names and metrics.json)."""
     if cfg.get("sample_steps"):
-        return f"ddim{len(ddim_steps(cfg['T'], cfg['sample_steps']))}_eta{cfg['eta']}"
-    return f"ancestral_{cfg['var']}"
+        name = f"ddim{len(ddim_steps(cfg['T'], cfg['sample_steps']))}_eta{cfg['eta']}"
+    else:
+        name = f"ancestral_{cfg['var']}"
+    return name + data.guidance_tag(cfg)
 
 
 def load(path, device="cpu"):
@@ -191,54 +203,67 @@ def load(path, device="cpu"):
 
 @torch.no_grad()
 def generate(model, cfg, n=64, seed=0, sample_steps=None, eta=None, var=None, clip_x0=None, dtype="float32",
-             batch=500, info=None):
+             batch=500, info=None, guidance=None, labels=None):
     """n samples (images in [-1, 1] or 2-D points) from fixed noise (seed): Alg. 2 over all T steps, or DDIM on
-    sample_steps; unset options come from cfg. `info` (a dict) receives the sampler's name, NFE and seconds per
-    100 samples, timed after one untimed network call (one-time set-up is not sampling time)."""
-    cfg = dict(cfg, sample_steps=sample_steps or cfg.get("sample_steps"),
+    sample_steps; unset options come from cfg. A conditional model draws a row per class of `labels` (default all),
+    n // rows each, with guidance w. `info` (a dict) receives the sampler's name, NFE, seconds per 100 samples
+    (timed after one untimed network call: one-time set-up is not sampling time), `labels` (each sample's class)
+    and `nrow` (or None)."""
+    cfg = dict(cfg, sample_steps=sample_steps or cfg.get("sample_steps"), labels=labels or cfg.get("labels"),
+               guidance=cfg.get("guidance") if guidance is None else guidance,
                **{k: cfg[k] if v is None else v for k, v in dict(eta=eta, var=var, clip_x0=clip_x0).items()})
     device, T, S = next(model.parameters()).device, cfg["T"], cfg["sample_steps"]
     if S is not None and not 1 <= S <= T:
         raise ValueError(f"--sample-steps {S} is larger than the checkpoint's T={T}" if S > T else
                          "--sample-steps must be at least 1")
-    sched, net = make_schedule(T, cfg["schedule"]), eps_fn(model, T, dtype)
+    w = cfg["guidance"] if cfg["cond"] else 0.0
+    ys = data.grid_labels(cfg["class_names"], cfg["labels"], n).to(device) if cfg["cond"] else None
+    n = len(ys) if cfg["cond"] else n
+    sched, net = make_schedule(T, cfg["schedule"]), eps_fn(model, T, dtype, w)
     g = torch.Generator(device).manual_seed(seed)
     shape = (2,) if data.is_2d(cfg["data"]) else (cfg["channels"], cfg["image_size"], cfg["image_size"])
     net(torch.zeros((min(batch, n),) + shape, device=device), torch.ones(min(batch, n), dtype=torch.long, device=device))
     t0, out = time.time(), []
     for i in range(0, n, batch):
-        b = (min(batch, n - i),) + shape
+        b, y = (min(batch, n - i),) + shape, ys[i:i + batch] if cfg["cond"] else None
         if S:
-            out.append(sample_ddim(net, sched, b, S, cfg["eta"], cfg["clip_x0"], generator=g, device=device).cpu())
+            out.append(sample_ddim(net, sched, b, S, cfg["eta"], cfg["clip_x0"], y, g, device).cpu())
         else:
-            out.append(sample_ancestral(net, sched, b, cfg["var"], cfg["clip_x0"], generator=g, device=device).cpu())
+            out.append(sample_ancestral(net, sched, b, cfg["var"], cfg["clip_x0"], y, g, device).cpu())
         data.progress(i + b[0], n, t0, "samples")
     if info is not None:
-        info.update(sampler=sampler_name(cfg), nfe=len(ddim_steps(T, S)) if S else T,
-                    sec_per_100=100 * (time.time() - t0) / n)
+        info.update(sampler=sampler_name(cfg), nfe=(len(ddim_steps(T, S)) if S else T) * (2 if w else 1),
+                    sec_per_100=100 * (time.time() - t0) / n, labels=ys.cpu() if cfg["cond"] else None,
+                    nrow=int((ys == ys[0]).sum()) if cfg["cond"] else None)
     return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training (Algorithm 1) in one flat step loop; the run plumbing (DDP, checkpoints, log) is in data.py
-ARCH = ("data", "image_size", "channels", "classes", "T", "schedule", "ch", "ch_mult", "num_res_blocks",
-        "attn_res", "dropout", "temb_dim", "hidden", "layers")   # what a checkpoint fixes
+ARCH = ("data", "image_size", "channels", "classes", "class_names", "T", "schedule", "cond", "ch", "ch_mult",
+        "num_res_blocks", "attn_res", "dropout", "temb_dim", "hidden", "layers")   # what a checkpoint fixes
 KEYS = ("model", "ema", "opt")                                   # the state dicts a checkpoint holds
 VERSION = 2                                                      # of a checkpoint's settings, see upgrade()
 
 
 def upgrade(a):
     """Bring the settings `a` of an older checkpoint up to VERSION, in place. Version 1 (no "version" key) named the
-    VP curve "linear"; that name now means the paper's exact linspace, so its "linear" becomes "vp"."""
+    VP curve "linear"; that name now means the paper's exact linspace, so its "linear" becomes "vp". A checkpoint
+    from before --cond is unconditional."""
     if a.get("version", 1) < 2:
         a.update(schedule="vp" if a.get("schedule") == "linear" else a.get("schedule"), version=2)
+    for k, v in dict(cond=False, class_names=[], p_uncond=0.0, guidance=0.0, labels=None).items():
+        a.setdefault(k, v)
 
 
 def train(args):
-    rank, world, device, ckpt, (x, y, _) = data.start_training(args, "ddpm", KEYS, ARCH, upgrade)   # DDP, seeds, resume
+    rank, world, device, ckpt, (x, y, names) = data.start_training(args, "ddpm", KEYS, ARCH, upgrade)   # DDP, resume
     ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
-    a["version"] = VERSION
+    a["version"], a["class_names"] = VERSION, a.get("class_names") or names
     a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
+    if a["cond"] and not a["class_names"]:
+        raise ValueError(f"--cond needs labelled image data; {a['data']} has no classes")
+    data.grid_labels(a["class_names"], a["labels"], 1) if a["cond"] else None  # reject a bad --labels now
 
     model = build_model(a, a["channels"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # sampling weights; eval(): no dropout
@@ -252,13 +277,15 @@ def train(args):
     os.makedirs(args.out, exist_ok=True)
     log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
     log(f"ddpm | data {args.data} {tuple(x.shape)} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
-        f"| device {device} x{world} | T {args.T} {args.schedule} | batch {args.batch_size} x{world} "
+        f"| device {device} x{world} | T {args.T} {args.schedule}{' cond' if a['cond'] else ''} "
+        f"| batch {args.batch_size} x{world} "
         f"| steps {step}..{args.steps}")
     losses, loss_avg = [], float("nan")
     while step < args.steps:
         lr = data.set_lr(opt, data.lr_at(step, args.steps, args.lr, args.warmup, args.lr_schedule))
-        x0, _ = next(batches)
-        loss = loss_simple(net, sched, x0)                       # Alg. 1, lines 2-5
+        x0, y0 = next(batches)
+        y0 = torch.where(torch.rand(len(y0), device=device) < args.p_uncond, -1, y0) if a["cond"] else None  # -1: null
+        loss = loss_simple(net, sched, x0, y0)                   # Alg. 1, lines 2-5
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = data.clip_grad(model, args.grad_clip)
@@ -273,10 +300,8 @@ def train(args):
         if log.due(step):
             log.progress(step, f"loss {sum(losses) / len(losses):.4f} | lr {lr:.2e}")
             loss_avg, losses = sum(losses) / len(losses), []
-        if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
-            with log.paused():                                   # sampling is not training time
-                xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype)
-                data.save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
+        data.sample_grid(args, a, step, rank, log, real,
+                         lambda info: generate(ema, a, args.n_samples, args.seed, dtype=args.dtype, info=info))
         if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
             data.save_checkpoint(ckpt_path, "ddpm", step, a, model=model, ema=ema, opt=opt)
 
@@ -284,7 +309,7 @@ def train(args):
         info = {}
         xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype, info=info)
         data.write_outputs(a, "ddpm", xs, info, args.out, log, dict(step=step, loss=loss_avg), real,
-                           save_npz_too=args.save_npz)
+                           save_npz_too=args.save_npz, labels=info["labels"], nrow=info["nrow"])
     data.teardown_ddp()
 
 
@@ -292,11 +317,13 @@ def sample_only(args):
     """--sample-only: load() and generate() from a checkpoint's EMA weights, without the training flags."""
     path = args.ckpt or os.path.join(args.out, "ckpt.pt")
     model, cfg = load(path, data.pick_device(args.device))
+    data.check_labels(cfg, args.labels)                          # fails before anything is written
     cfg["seed"], info = args.seed, {}
     n = args.n_samples or (2500 if data.is_2d(cfg["data"]) else 100)
-    xs = generate(model, cfg, n, args.seed, args.sample_steps, args.eta, args.var, args.clip_x0, args.dtype, info=info)
+    xs = generate(model, cfg, n, args.seed, args.sample_steps, args.eta, args.var, args.clip_x0, args.dtype, info=info,
+                  guidance=args.guidance, labels=args.labels)
     data.write_outputs(cfg, "ddpm", xs, info, data.sample_out(args, path, DEFAULT_OUT), print, dict(step=cfg["step"]),
-                       tag=info["sampler"], save_npz_too=args.save_npz)
+                       tag=info["sampler"], save_npz_too=args.save_npz, labels=info["labels"], nrow=info["nrow"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +356,7 @@ def get_parser():
     d.add_argument("--sample-steps", type=int, default=None, help="sample with DDIM on this many steps "
                    "(default: Alg. 2 over all T)")
     d.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
+    data.add_guidance_args(d)                                    # --cond, --p-uncond, --guidance, --labels
     return p
 
 
@@ -339,6 +367,8 @@ def main(argv=None):
             raise ValueError("--T must be at least 1")
         if args.sample_steps is not None and not (1 <= args.sample_steps and (args.sample_only or args.sample_steps <= args.T)):
             raise ValueError(f"--sample-steps must be between 1 and --T ({args.T})")
+        data.raise_first([(not 0 <= args.p_uncond < 1, "--p-uncond must be in [0, 1)"),
+                          (args.labels and not args.cond and not args.sample_only, "--labels needs --cond")])
         if not args.sample_only:
             data.apply_defaults(args, DEFAULTS)
         data.check_args(args)

@@ -1734,3 +1734,68 @@ def test_shortcut_energy_distance_is_per_dimension():
     assert 0.12 < ed[2] < 0.19 and 0.14 < ed[256] < 0.2 and 0.7 < ed[2] / ed[256] < 1.3
     same = sm.energy_distance(torch.randn(2000, 256, generator=g), torch.randn(2000, 256, generator=g)).item()
     assert abs(same) < 0.01
+
+
+TINY_COND = ["--data", "glyphs", *TINY_UNET, "--classes", 0, 1, "--T", 10, "--n-samples", 4, "--cond"]
+
+
+def test_ddpm_conditional_trains_resumes_and_samples_with_labels(tmp_path, capsys):
+    out = tmp_path / "cond"
+    assert main_exit(ddpm.main, [*TINY_COND, "--steps", 2, "--labels", 1, "--out", out]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["sampler"] == "ancestral_beta_w1.0_labels1" and m["nfe"] == 20 and m["n_samples"] == 4   # guided: 2 calls
+    assert "T 10 vp cond" in capsys.readouterr().out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["cond"] and ckpt["args"]["class_names"] == ["0", "1"]
+    assert ckpt["ema"]["label_emb.weight"].shape[0] == 3                  # two classes and the null class
+    assert main_exit(ddpm.main, ["--steps", 3, "--n-samples", 4, "--out", out, "--resume"]) == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--n-samples", 6, "--labels", 1, 0, "--guidance", 0,
+                                 "--sample-steps", 4, "--save-npz"]) == 0
+    npz = np.load(out / "samples_ddim4_eta0.0_w0.0_labels1-0.npz")
+    assert npz["arr_0"].shape == (6, 8, 8, 3) and npz["arr_1"].tolist() == [1, 1, 1, 0, 0, 0]
+    m = json.loads((out / "metrics_ddim4_eta0.0_w0.0_labels1-0.json").read_text())
+    assert m["nfe"] == 4 and "label_acc" in m and 0 <= m["label_acc"] <= 100
+
+
+def test_ddpm_guidance_is_the_cfg_formula_and_changes_samples():
+    torch.manual_seed(0)
+    a = dict(data="glyphs", ch=8, ch_mult=[1], num_res_blocks=1, attn_res=[], dropout=0.0, temb_dim=None,
+             image_size=8, cond=True, class_names=["0", "1", "2"])
+    model = ddpm.build_model(a, 3).eval()
+    for p in model.parameters():                                          # undo the zero inits: the label matters
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 5, 10]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        e_c, e_null = ddpm.eps_fn(model, 10, "float32")(x, t, y), ddpm.eps_fn(model, 10, "float32")(x, t, -1 + 0 * y)
+        assert torch.equal(e_c, model(x, t * 100.0, y))                  # w = 0: the conditional model
+        assert torch.allclose(ddpm.eps_fn(model, 10, "float32", 1.0)(x, t, y), 2 * e_c - e_null, atol=1e-5)
+    assert not torch.allclose(e_c, e_null)
+    cfg = dict(a, channels=3, T=10, schedule="vp", var="beta", eta=0.0, clip_x0=True, labels=None, guidance=1.0)
+    x0, x1 = (ddpm.generate(model, cfg, n=6, guidance=w) for w in (0.0, 1.0))
+    assert x0.shape == x1.shape == (6, 3, 8, 8) and torch.isfinite(x1).all() and not torch.equal(x0, x1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*TINY_COND, "--labels", 7], "unknown label '7'"),                   # --classes 0 1: no class 7
+    (["--data", "glyphs", "--labels", 3], "--labels needs --cond"),
+    (["--data", "25gaussians", "--cond"], "--cond needs labelled image data"),
+    ([*TINY_COND, "--p-uncond", 1.0], "--p-uncond"),
+])
+def test_ddpm_bad_conditional_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert main_exit(ddpm.main, [*argv, "--steps", 1, "--out", tmp_path / "bad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
+def test_ddpm_sample_only_rejects_bad_labels(tmp_path, capsys):
+    out = tmp_path / "u"
+    assert main_exit(ddpm.main, ["--data", "glyphs", *TINY_UNET, "--classes", 0, 1, "--T", 5, "--steps", 1,
+                                 "--n-samples", 2, "--out", out]) == 0
+    capsys.readouterr()
+    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--labels", 1]) == 2   # an unconditional checkpoint
+    err = capsys.readouterr().err.strip()
+    assert "needs a conditional checkpoint" in err and len(err.splitlines()) == 1
+    assert not any(f.startswith("samples_") for f in os.listdir(out))
