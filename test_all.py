@@ -2,6 +2,12 @@
 
 Run: python -m pytest -q test_all.py   (a few minutes on 2 cores)
 Real data from ../shared/data is used where present; those tests skip cleanly without it.
+
+Sections follow the files: shared helpers and fixtures, data.py, unet.py, ddpm.py, vdm.py, ddgan.py,
+shortcut_mcmc.py, trilemma.py, then the run plumbing that every script shares. A test's name starts with its
+file or method (test_data_*, test_unet_*, test_ddpm_*, test_vdm_*, test_ddgan_*, test_shortcut_*,
+test_trilemma_*, test_plumbing_*), and the plumbing tests name the method in their ids, so that
+`pytest -k ddgan test_all.py` selects every DDGAN test.
 """
 import copy
 import json
@@ -37,6 +43,8 @@ import vdm  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# ====================================================================================================
+# Shared helpers and fixtures
 def _need_shared(*parts):
     """Path inside ../shared/data, or skip the test when that copy is absent."""
     path = os.path.join(SHARED, *parts)
@@ -49,6 +57,15 @@ def run_cli(script, *args, cwd=None):
     """Run a script as a user would; returns the CompletedProcess (stdout + stderr captured)."""
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
+
+
+def main_exit(main, argv):
+    """Run a script's main(argv) in-process (much faster than a subprocess); returns the exit code."""
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 @pytest.fixture(scope="session")
@@ -68,100 +85,26 @@ def cifar_folder(tmp_path_factory):
     return str(root)
 
 
-# ====================================================================================================
-# DDPM: math
-@pytest.mark.parametrize("kind", ["vp", "cosine"])
-@pytest.mark.parametrize("T", [1, 2, 4, 20, 50, 1000, 4000])
-def test_schedule_valid_for_every_T(kind, T):
-    s = ddpm.make_schedule(T, kind)
-    beta, ab = s["beta"].double(), s["alpha_bar"].double()
-    assert beta.shape == (T,) and torch.all(beta > 0) and torch.all(beta < 1)
-    assert torch.all(ab[1:] < ab[:-1])                                 # monotone decreasing
-    if T in (4, 50, 1000):
-        assert ab[-1] < 1e-3                                           # x_T is close to N(0, I)
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A tiny two-class image folder made here (always available, unlike ../shared/data)."""
+    root = tmp_path_factory.mktemp("tiny")
+    g = np.random.default_rng(0)
+    for cls, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        os.makedirs(root / cls)
+        for i in range(8):
+            img = np.full((12, 12, 3), colour, np.uint8) + g.integers(0, 30, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    return str(root)
 
 
-def test_linear_schedule_reproduces_paper_at_T1000():
-    beta = ddpm.make_schedule(1000, "vp")["beta"].double()             # the default vp: the paper's within 3e-4
-    paper = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    assert abs(beta[0] - 1e-4) < 2e-5 and abs(beta[-1] - 0.02) < 3e-4
-    assert (beta - paper).abs().max() < 3e-4
-
-
-def test_q_sample_mean_and_variance():
-    torch.manual_seed(0)
-    s = ddpm.make_schedule(100)
-    x0 = torch.full((200_000, 1), 0.7)
-    t = torch.full((200_000,), 30, dtype=torch.long)
-    xt = ddpm.q_sample(s, x0, t, torch.randn_like(x0))
-    ab = s["alpha_bar"][29].item()
-    assert abs(xt.mean().item() - math.sqrt(ab) * 0.7) < 0.01
-    assert abs(xt.var().item() - (1 - ab)) < 0.01
-
-
-def test_posterior_matches_gaussian_conditioning():
-    """q(x_{t-1} | x_t, x0) from Bayes' rule on q(x_{t-1} | x0) and q(x_t | x_{t-1}), in float64."""
-    s = ddpm.make_schedule(50)
-    x0, xt = torch.tensor([[0.3], [-0.8]]), torch.tensor([[1.1], [0.2]])
-    for step in (2, 17, 50):
-        t = torch.full((2,), step, dtype=torch.long)
-        mean, var = ddpm.q_posterior(s, x0, xt, t)
-        ab_prev, alpha = s["alpha_bar_prev"][step - 1].double(), s["alpha"][step - 1].double()
-        beta = 1 - alpha
-        prec = 1 / (1 - ab_prev) + alpha / beta
-        mean_ref = (ab_prev.sqrt() * x0.double() / (1 - ab_prev) + alpha.sqrt() * xt.double() / beta) / prec
-        assert torch.allclose(mean.double(), mean_ref, atol=1e-5)
-        assert torch.allclose(var.double().flatten(), (1 / prec).expand(2), rtol=1e-4)
-
-
-def toy_eps(T):
-    """A fixed, non-trivial eps_theta(x_t, t) for sampler identities."""
-    return lambda x, t, y=None: torch.tanh(0.5 * x + t.float().view(-1, *[1] * (x.dim() - 1)) / T)
-
-
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddim_eta1_full_equals_ancestral_beta_tilde(clip):
-    T, shape = 30, (4, 3, 2, 2)
-    s = ddpm.make_schedule(T)
-    a = ddpm.sample_ancestral(toy_eps(T), s, shape, var="beta_tilde", clip=clip,
-                              generator=torch.Generator().manual_seed(1))
-    b = ddpm.sample_ddim(toy_eps(T), s, shape, S=T, eta=1.0, clip=clip, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(a, b, atol=1e-4)
-    c = ddpm.sample_ancestral(toy_eps(T), s, shape, var="beta", clip=clip, generator=torch.Generator().manual_seed(1))
-    assert not torch.allclose(a, c, atol=1e-4)                          # the variance choice matters
-
-
-def test_ddim_steps_and_eta0_is_deterministic_given_x_T():
-    assert ddpm.ddim_steps(1000, 50)[0] == 1000 and ddpm.ddim_steps(1000, 50)[-1] == 1
-    assert len(ddpm.ddim_steps(1000, 50)) == 50 and ddpm.ddim_steps(7, 7) == list(range(7, 0, -1))
-    T, s = 40, ddpm.make_schedule(40)
-    a = ddpm.sample_ddim(toy_eps(T), s, (3, 2), S=10, eta=0.0, clip=False, generator=torch.Generator().manual_seed(5))
-    b = ddpm.sample_ddim(toy_eps(T), s, (3, 2), S=10, eta=0.0, clip=False, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, b) and torch.isfinite(a).all()
-
-
-def test_ancestral_last_step_returns_x0_hat():
-    """At t = 1 the posterior mean is x0_hat itself (coef_x0 = 1, coef_xt = 0) and no noise is added."""
-    s = ddpm.make_schedule(10)
-    assert abs(s["coef_x0"][0].item() - 1) < 1e-5 and abs(s["coef_xt"][0].item()) < 1e-5
-
-
-def test_loss_simple_is_finite_and_trains_every_parameter():
-    torch.manual_seed(0)
-    model = unet.UNet(in_ch=3, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
-    s = ddpm.make_schedule(100)
-    net = ddpm.eps_fn(model, 100, "float32")
-    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
-    loss = ddpm.loss_simple(net, s, x0)
-    assert torch.isfinite(loss) and 0.5 < loss.item() < 1.5             # zero-initialised output: ~E[eps^2] = 1
-    loss.backward()
-    assert model.conv_out.weight.grad.abs().sum() > 0                  # the zero-initialised output conv learns
+TINY_UNET = ["--ch", 8, "--ch-mult", 1, 2, "--num-res-blocks", 1, "--image-size", 8, "--batch-size", 8]
 
 
 # ====================================================================================================
-# data.py
-# ---- glyphs ----------------------------------------------------------------------------------
-def test_glyphs_shapes_labels_contrast():
+# data.py: data sets, batches, pictures and scores
+# ---- glyphs ----------------------------------------------------------------------------------------
+def test_data_glyphs_shapes_labels_contrast():
     x, y, names = data.load("glyphs", image_size=16)
     assert x.shape == (30_000, 3, 16, 16) and x.dtype == torch.uint8
     assert y.dtype == torch.int64 and names == [str(d) for d in range(10)]
@@ -174,7 +117,7 @@ def test_glyphs_shapes_labels_contrast():
     assert not torch.equal(xt, x[:5_000])
 
 
-def test_glyphs_deterministic_per_seed():
+def test_data_glyphs_deterministic_per_seed():
     a = data.load("glyphs", split="test", image_size=8, seed=3)[0]
     data._load.cache_clear()  # force a fresh render, not the cached tensor
     b = data.load("glyphs", split="test", image_size=8, seed=3)[0]
@@ -183,15 +126,24 @@ def test_glyphs_deterministic_per_seed():
     assert data.load("glyphs", split="test", image_size=12)[0].shape == (5_000, 3, 12, 12)
 
 
-def test_classes_subset_reindexes():
+def test_data_glyphs_mono_is_the_same_digits_in_one_channel():
+    x, y, _ = data.load("glyphs-mono", "test", 16)
+    xc, yc, _ = data.load("glyphs", "test", 16)
+    assert x.shape == (5000, 1, 16, 16) and torch.equal(y, yc)
+    assert x.flatten(1).min(1).values.max() == 0 and x.flatten(1).max(1).values.min() > 200     # white on black
+    ink, ink_c = x[:, 0] > 127, (xc.float() - xc[:, :, :1, :1].float()).abs().amax(1) > 64   # the same pixels lit
+    assert (ink == ink_c).float().mean() > 0.97
+
+
+def test_data_classes_subset_reindexes():
     x, y, names = data.load("glyphs", split="test", image_size=8, classes=["7", "2"])
     full_x, full_y, _ = data.load("glyphs", split="test", image_size=8)
     assert names == ["7", "2"] and set(y.tolist()) == {0, 1}
     assert torch.equal(x[y == 0], full_x[full_y == 7]) and torch.equal(x[y == 1], full_x[full_y == 2])
 
 
-# ---- 2-D point sets and their metrics ---------------------------------------------------------
-def test_swirl():
+# ---- 2-D point sets and their metrics --------------------------------------------------------------
+def test_data_swirl():
     x, y, names = data.load("swirl")
     xt = data.load("swirl", split="test")[0]
     assert x.shape == xt.shape == (1024, 2) and x.dtype == torch.float32 and names == []
@@ -203,7 +155,7 @@ def test_swirl():
     assert (u8 - u8.round()).abs().max() < 1e-3 and u8.min() >= 0 and u8.max() <= 255
 
 
-def test_25gaussians():
+def test_data_25gaussians():
     x, y, _ = data.load("25gaussians")
     xt, yt, _ = data.load("25gaussians", split="test")
     assert x.shape == (100_000, 2) and xt.shape == (2_500, 2)
@@ -212,7 +164,7 @@ def test_25gaussians():
     assert (x - means[y]).norm(dim=1).max() < 0.5
 
 
-def test_score_2d():
+def test_data_score_2d():
     real = data.load("25gaussians", split="test")[0][:1000]
     s = data.score_2d(real, "25gaussians")
     assert s["modes"] == 25 and s["hq"] > 97 and s["kl"] < 0.05  # 2-D: 1 - exp(-4.5) = 98.9% within 3 std
@@ -227,14 +179,14 @@ def test_score_2d():
         data.score_2d(swirl, "glyphs")
 
 
-# ---- batches -----------------------------------------------------------------------------------
-def test_to_float():
+# ---- batches ---------------------------------------------------------------------------------------
+def test_data_to_float():
     assert data.to_float(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
     p = torch.randn(5, 2)
     assert data.to_float(p) is p
 
 
-def test_batches_shapes_range_flip():
+def test_data_batches_shapes_range_flip():
     x = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
     y = torch.arange(10)
     it = data.batches(x, y, 4, seed=0)
@@ -262,7 +214,7 @@ def test_batches_shapes_range_flip():
     assert torch.equal(xb, pts[yb])  # points are never flipped
 
 
-def test_batches_distributed_path():
+def test_data_batches_distributed_path():
     """One-process gloo group: the DistributedSampler path runs and reshuffles each epoch."""
     store = os.path.join(tempfile.mkdtemp(), "store")
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
@@ -284,14 +236,14 @@ def _rank_worker(rank, store, out):
 
 @pytest.mark.skipif(not os.environ.get("TRILEMMA_SLOW"), reason="two spawned processes; flaky on a loaded 2-core machine, "
                     "set TRILEMMA_SLOW=1 (the torchrun CLI test covers DDP)")
-def test_batches_two_ranks_get_disjoint_shards(tmp_path):
+def test_data_batches_two_ranks_get_disjoint_shards(tmp_path):
     torch.multiprocessing.spawn(_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     a, b = (set(torch.load(tmp_path / f"{r}.pt", weights_only=True).tolist()) for r in (0, 1))
     assert len(a) == len(b) == 20 and not a & b
 
 
-# ---- pictures ----------------------------------------------------------------------------------
-def test_save_grid(tmp_path):
+# ---- pictures --------------------------------------------------------------------------------------
+def test_data_save_grid(tmp_path):
     x = torch.rand(16, 3, 16, 16) * 2 - 1
     path = tmp_path / "new" / "grid.png"
     data.save_grid(x, str(path), nrow=4)
@@ -303,7 +255,7 @@ def test_save_grid(tmp_path):
     assert os.listdir(path.parent) == ["grid.png"]  # no temporary file left behind
 
 
-def test_save_scatter(tmp_path):
+def test_data_save_scatter(tmp_path):
     real = data.load("swirl")[0]
     data.save_scatter(real[:100], str(tmp_path / "s.png"), "swirl", real=real)
     assert Image.open(tmp_path / "s.png").size == (400, 400)
@@ -312,8 +264,8 @@ def test_save_scatter(tmp_path):
     assert img.shape == (420, 810, 3) and (img != 255).any()
 
 
-# ---- real images and errors --------------------------------------------------------------------
-def test_image_folder(tmp_path):
+# ---- real images and errors ------------------------------------------------------------------------
+def test_data_image_folder(tmp_path):
     for split in ("train", "test"):
         for k, cls in enumerate(["ant", "bee"]):
             os.makedirs(tmp_path / split / cls)
@@ -329,7 +281,23 @@ def test_image_folder(tmp_path):
         data.load(str(tmp_path), classes=["wasp"])
 
 
-def test_cifar10_jpeg_folder(tmp_path):
+def test_data_folder_keeps_channels_and_holds_out_a_split(tmp_path):
+    """A grayscale folder stays 1-channel; train/ without test/ keeps its classes and holds every 10th image out;
+    the real row under a grid shows several classes."""
+    for c in ("a", "b", "c"):
+        os.makedirs(tmp_path / "train" / c)
+        for i in range(20):
+            value = 10 * i + "abc".index(c) * 3                                    # unique per image
+            Image.fromarray(np.full((10, 10), value, np.uint8)).save(tmp_path / "train" / c / f"{i:02d}.png")
+    x, y, names = data.load(str(tmp_path), "train", 8)
+    xt, yt, _ = data.load(str(tmp_path), "test", 8)
+    assert x.shape == (54, 1, 8, 8) and xt.shape == (6, 1, 8, 8) and names == ["a", "b", "c"]
+    assert set(yt.tolist()) == {0, 1, 2}
+    row_labels = [int(y[(x == r).flatten(1).all(1)].unique().item()) for r in data.real_row(x, y, 6)]
+    assert row_labels == [0, 1, 2, 0, 1, 2]
+
+
+def test_data_cifar10_jpeg_folder(tmp_path):
     want = {f"{s}/{c}/000{i}.jpg" for s in ("train", "test") for c in ("airplane", "automobile") for i in (0, 1)}
     with tarfile.open(_need_shared("cifar10-jpeg.tar.gz")) as tar:
         for member in tar:  # stop early: the tarball lists test/ first, then train/ in class order
@@ -344,14 +312,38 @@ def test_cifar10_jpeg_folder(tmp_path):
     assert xt.shape == (4, 3, 32, 32) and not torch.equal(xt, data.load(str(tmp_path), image_size=32)[0])
 
 
-def test_mnist_offline():
+def test_data_cifar10_from_tarball_one_class():
+    d = os.path.dirname(_need_shared("cifar10-jpeg.tar.gz"))
+    if os.path.isdir(os.path.join(d, "cifar-10-batches-py")):
+        pytest.skip("a torchvision copy takes precedence there")
+    x, y, names = data.load("cifar10", "test", 16, d, ["airplane"])
+    assert x.shape == (1000, 3, 16, 16) and names == ["airplane"] and (y == 0).all()
+    with pytest.raises(ValueError, match="unknown class"):
+        data.load("cifar10", "test", 16, d, ["zebra"])
+
+
+def test_data_mnist_offline():
     _need_shared("MNIST", "raw")
     x, y, names = data.load("mnist", split="test", data_dir=SHARED)
     assert x.shape == (10_000, 1, 16, 16) and x.dtype == torch.uint8 and len(names) == 10
     assert set(y.tolist()) == set(range(10))
 
 
-def test_bad_input_raises_value_error(monkeypatch, tmp_path):
+def test_data_stackedmnist_shapes_labels_and_scores():
+    _need_shared("MNIST", "raw")
+    x, y, names = data.load("stackedmnist", "test", 16, SHARED)
+    assert x.shape == (10_000, 3, 16, 16) and x.dtype == torch.uint8 and len(names) == 1000
+    assert y.min() >= 0 and y.max() < 1000 and len(y.unique()) > 990    # 10,000 draws cover ~all 1000 modes
+    digits, dy, _ = data.load("mnist", "test", 16, SHARED)
+    # every channel is an MNIST test digit, and the label spells the three digits
+    for i in range(3):
+        c = [((digits[:, 0] == x[i, k]).flatten(1).all(1)).nonzero()[:, 0] for k in range(3)]
+        assert 100 * dy[c[0][0]] + 10 * dy[c[1][0]] + dy[c[2][0]] == y[i]
+    x2, y2, _ = data.load("stackedmnist", "test", 16, SHARED, seed=1)
+    assert not torch.equal(y, y2) and torch.equal(y, data.load("stackedmnist", "test", 16, SHARED)[1])
+
+
+def test_data_bad_input_raises_value_error(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise RuntimeError("no network")
 
@@ -371,8 +363,79 @@ def test_bad_input_raises_value_error(monkeypatch, tmp_path):
     assert data.is_2d("swirl") and data.is_2d("25gaussians") and not data.is_2d("glyphs")
 
 
+# ---- image scores: Frechet distance, classifier features, fd_scores --------------------------------
+def _exact(n, mean, cov, seed):
+    """n points whose sample mean and (unbiased) covariance are exactly `mean` and `cov`."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(z.T @ z / (n - 1))).T   # whitened: identity sample covariance
+    return z @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_data_frechet_self_zero_and_grows_with_shift():
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    assert abs(data.frechet(x, x)) < 1e-8
+    shifts = [data.frechet(x, x + d) for d in (0.5, 1.0, 2.0)]
+    assert shifts == sorted(shifts) and shifts[0] > 0
+    assert math.isclose(shifts[1], 16 * 1.0 ** 2, rel_tol=1e-9)      # a pure shift adds |d|^2 per dimension
+
+
+def test_data_frechet_matches_closed_form_for_two_gaussians():
+    # 2 x 2 covariances that do not commute: tr((A B)^1/2) = sqrt(tr(A B) + 2 sqrt(det(A B))) for 2 x 2 PSD
+    A = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
+    B = torch.tensor([[0.5, -0.2], [-0.2, 1.5]], dtype=torch.float64)
+    mu_a, mu_b = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
+    AB = A @ B
+    tr_root = math.sqrt(AB.trace() + 2 * math.sqrt(torch.linalg.det(AB)))
+    expected = float((mu_a - mu_b).pow(2).sum() + A.trace() + B.trace() - 2 * tr_root)
+    got = data.frechet(_exact(400, mu_a, A, 1), _exact(300, mu_b, B, 2))
+    assert math.isclose(got, expected, rel_tol=1e-9)
+    with pytest.raises(ValueError):
+        data.frechet(torch.zeros(1, 2), torch.zeros(5, 2))
+
+
+def test_data_classifier_accuracy_and_features(tmp_path, monkeypatch):
+    """glyphs-mono 8x8, 2 epochs: the classifier reads real test digits (>= 95%), and in its penultimate
+    features real test images lie far closer to real training images than noise does."""
+    name = "glyphs-mono"
+    net, acc, names = data.classifier(name, 8, str(tmp_path), None, 2)
+    assert acc >= 95 and len(names) == 10
+    monkeypatch.setattr(data, "classifier", lambda *args, **kw: (net, acc, names))  # score_images(), features()
+    real, train = data.load(name, "test", 8)[0][:500], data.load(name, "train", 8)[0][:500]
+    f_real = data.features(real, name, 8, str(tmp_path))                   # uint8 in, as well as [-1, 1]
+    assert f_real.shape == (500, 128) and torch.equal(f_real, data.features(data.to_float(real), name, 8))
+    floor = data.frechet(data.features(train, name, 8), f_real)
+    noise = data.frechet(data.features(torch.rand(500, 1, 8, 8) * 2 - 1, name, 8), f_real)
+    assert noise > 20 * floor
+    # legibility: real digits count, smooth blobs (made differently from the reject class's) and mode averages do not
+    assert data.score_images(data.to_float(real), name, 8)["legible"] > 95
+    g = torch.Generator().manual_seed(0)
+    for sigma in (1.0, 1.5, 2.5):
+        k = torch.exp(-torch.arange(-6.0, 7.0) ** 2 / (2 * sigma ** 2))
+        k = (k / k.sum()).view(1, 1, 1, -1)
+        z = torch.randn(500, 1, 20, 20, generator=g)
+        z = F.conv2d(F.conv2d(z, k), k.transpose(2, 3))[:, :, :8, :8]       # Gaussian-smoothed noise, 8x8
+        blobs = (z / z.flatten(1).std(1).view(-1, 1, 1, 1) * 0.7).clamp(-1, 1)
+        assert data.score_images(blobs, name, 8)["legible"] < 5, sigma
+    average = sum(data.to_float(real).roll(i, 0) for i in range(6)) / 6     # what a mode-averaging G draws
+    assert data.score_images(average, name, 8)["legible"] < 5
+    ro = tmp_path / "ro"                                                 # a read-only --data-dir (../shared/data)
+    ro.mkdir(mode=0o555)                                                 # keeps its classifier cache in ./data
+    assert not data._writable(str(ro)) and data._writable(str(tmp_path))
+
+
+def test_data_fd_scores_real_near_floor_noise_far():
+    """fd of real held-out images is near fd_floor; smooth noise is far above it."""
+    a = dict(data="glyphs-mono", image_size=8, data_dir="./data", classes=None, seed=0)
+    real = data.to_float(data.load("glyphs-mono", "test", 8, "./data", None, 0)[0][:200])
+    noise = torch.nn.functional.avg_pool2d(torch.rand(200, 1, 8, 8) * 2 - 1, 3, 1, 1)
+    r, n = data.fd_scores(a, real), data.fd_scores(a, noise)
+    assert r["fd_floor"] == n["fd_floor"] and r["fd_floor"] > 0
+    assert r["fd"] < 2 * r["fd_floor"] and n["fd"] > 10 * r["fd_floor"]
+
+
 # ====================================================================================================
-# unet.py
+# unet.py: the UNet, the discriminators and the MLP
 def _t(B):
     return torch.rand(B) * 1000
 
@@ -429,63 +492,6 @@ def test_unet_zero_at_init_but_trainable():
     assert m.conv_in.weight.grad.abs().sum() > 0  # after one step the gradient reaches the input conv
 
 
-def test_discriminator_logits_and_r1():
-    torch.manual_seed(0)
-    d = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
-    for B in (4, 6, 7, 1):  # 6 and 7 are not divisible by the group size 4
-        assert d(torch.randn(B, 6, 8, 8), _t(B)).shape == (B,)
-    x = torch.randn(6, 6, 8, 8, requires_grad=True)
-    logits = d(x, _t(6))
-    assert logits.abs().min() > 0
-    (g,) = torch.autograd.grad(logits.sum(), x, create_graph=True)  # R1: grad wrt the real input
-    r1 = g.pow(2).sum()
-    r1.backward()  # double backward reaches D's parameters
-    assert torch.isfinite(r1) and r1 > 0
-    assert d.conv_in.weight.grad.abs().sum() > 0
-
-
-def test_discriminator_sees_per_sample_brightness():
-    # DDGAN's D has no normalisation layer: a GroupNorm after conv_in would divide out a constant shift of the
-    # input (all but the zero-padded border), so a too-bright fake would look like a real image to D
-    torch.manual_seed(0)
-    d = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
-    x, t = torch.randn(4, 6, 8, 8), _t(4)
-    assert (d(x + 1.0, t) - d(x, t)).abs().min() > 1e-3
-    assert not any(isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d)) for m in d.modules())
-
-
-def test_mlp_activation_choice():
-    x, t = torch.randn(5, 2), _t(5)
-    torch.manual_seed(0)
-    a = unet.MLP(in_dim=2, out_dim=1, hidden=16, zero_out=False, act="lrelu")
-    torch.manual_seed(0)
-    b = unet.MLP(in_dim=2, out_dim=1, hidden=16, zero_out=False)
-    assert not torch.allclose(a(x, t), b(x, t))  # same weights, different nonlinearity
-    with pytest.raises(ValueError, match="act must be"):
-        unet.MLP(act="tanh")
-
-
-def test_mlp_shapes():
-    x, t = torch.randn(5, 2), _t(5)
-    den = unet.MLP(hidden=32, num_classes=3)
-    assert den(x, t).shape == (5, 2) and den(x, t).abs().max() == 0  # zero_out: denoiser starts at 0
-    assert den(x, t, y=torch.tensor([0, 1, 2, -1, 0])).shape == (5, 2)
-    gen = unet.MLP(hidden=32, z_dim=4, out_act="tanh")
-    assert gen(x, t, z=torch.randn(5, 4)).shape == (5, 2)
-    disc = unet.MLP(in_dim=4, out_dim=1, hidden=32, zero_out=False)
-    logits = disc(torch.randn(5, 4), t)
-    assert logits.shape == (5, 1) and logits.abs().min() > 0
-
-
-def test_mlp_in_and_out_scale():
-    x, t = torch.randn(5, 2), _t(5)
-    torch.manual_seed(0)
-    a = unet.MLP(hidden=16, zero_out=False, in_scale=4.0, out_scale=0.25)
-    torch.manual_seed(0)
-    b = unet.MLP(hidden=16, zero_out=False)
-    assert torch.allclose(a(x, t), 0.25 * b(4 * x, t), atol=1e-6)
-
-
 def test_unet_generator_init_depends_on_z():
     # DDGAN's G (zero_init=False, Xavier-initialised z mapping and style layers as the official code): the output
     # varies with z from step 0 by a good fraction of how it varies with x_t (PyTorch's default Linear init gave
@@ -502,7 +508,38 @@ def test_unet_generator_init_depends_on_z():
     assert d(torch.randn(4, 3, 8, 8), _t(4), z=torch.randn(4, 8)).abs().max() == 0
 
 
-def test_small_discriminator_shapes_t_terms_and_spectral_norm():
+def test_unet_timestep_embedding():
+    e = unet.timestep_embedding(torch.tensor([0.0, 1.0, 999.0]), 9)
+    assert e.shape == (3, 9)
+    assert torch.allclose(e[0, :4], torch.zeros(4)) and torch.allclose(e[0, 4:8], torch.ones(4))
+
+
+def test_unet_discriminator_logits_and_r1():
+    torch.manual_seed(0)
+    d = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
+    for B in (4, 6, 7, 1):  # 6 and 7 are not divisible by the group size 4
+        assert d(torch.randn(B, 6, 8, 8), _t(B)).shape == (B,)
+    x = torch.randn(6, 6, 8, 8, requires_grad=True)
+    logits = d(x, _t(6))
+    assert logits.abs().min() > 0
+    (g,) = torch.autograd.grad(logits.sum(), x, create_graph=True)  # R1: grad wrt the real input
+    r1 = g.pow(2).sum()
+    r1.backward()  # double backward reaches D's parameters
+    assert torch.isfinite(r1) and r1 > 0
+    assert d.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_unet_discriminator_sees_per_sample_brightness():
+    # DDGAN's D has no normalisation layer: a GroupNorm after conv_in would divide out a constant shift of the
+    # input (all but the zero-padded border), so a too-bright fake would look like a real image to D
+    torch.manual_seed(0)
+    d = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
+    x, t = torch.randn(4, 6, 8, 8), _t(4)
+    assert (d(x + 1.0, t) - d(x, t)).abs().min() > 1e-3
+    assert not any(isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d)) for m in d.modules())
+
+
+def test_unet_small_discriminator_shapes_t_terms_and_spectral_norm():
     torch.manual_seed(0)
     d = unet.SmallDiscriminator(in_ch=2, ch=8, image_size=16)
     x = torch.randn(5, 2, 16, 16, requires_grad=True)
@@ -523,39 +560,142 @@ def test_small_discriminator_shapes_t_terms_and_spectral_norm():
         unet.SmallDiscriminator(image_size=10)
 
 
-def test_timestep_embedding():
-    e = unet.timestep_embedding(torch.tensor([0.0, 1.0, 999.0]), 9)
-    assert e.shape == (3, 9)
-    assert torch.allclose(e[0, :4], torch.zeros(4)) and torch.allclose(e[0, 4:8], torch.ones(4))
+def test_unet_mlp_activation_choice():
+    x, t = torch.randn(5, 2), _t(5)
+    torch.manual_seed(0)
+    a = unet.MLP(in_dim=2, out_dim=1, hidden=16, zero_out=False, act="lrelu")
+    torch.manual_seed(0)
+    b = unet.MLP(in_dim=2, out_dim=1, hidden=16, zero_out=False)
+    assert not torch.allclose(a(x, t), b(x, t))  # same weights, different nonlinearity
+    with pytest.raises(ValueError, match="act must be"):
+        unet.MLP(act="tanh")
+
+
+def test_unet_mlp_shapes():
+    x, t = torch.randn(5, 2), _t(5)
+    den = unet.MLP(hidden=32, num_classes=3)
+    assert den(x, t).shape == (5, 2) and den(x, t).abs().max() == 0  # zero_out: denoiser starts at 0
+    assert den(x, t, y=torch.tensor([0, 1, 2, -1, 0])).shape == (5, 2)
+    gen = unet.MLP(hidden=32, z_dim=4, out_act="tanh")
+    assert gen(x, t, z=torch.randn(5, 4)).shape == (5, 2)
+    disc = unet.MLP(in_dim=4, out_dim=1, hidden=32, zero_out=False)
+    logits = disc(torch.randn(5, 4), t)
+    assert logits.shape == (5, 1) and logits.abs().min() > 0
+
+
+def test_unet_mlp_in_and_out_scale():
+    x, t = torch.randn(5, 2), _t(5)
+    torch.manual_seed(0)
+    a = unet.MLP(hidden=16, zero_out=False, in_scale=4.0, out_scale=0.25)
+    torch.manual_seed(0)
+    b = unet.MLP(hidden=16, zero_out=False)
+    assert torch.allclose(a(x, t), 0.25 * b(4 * x, t), atol=1e-6)
 
 
 # ====================================================================================================
-# ddpm.py: the command line end to end
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """A tiny two-class image folder made here (always available, unlike ../shared/data)."""
-    root = tmp_path_factory.mktemp("tiny")
-    g = np.random.default_rng(0)
-    for cls, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
-        os.makedirs(root / cls)
-        for i in range(8):
-            img = np.full((12, 12, 3), colour, np.uint8) + g.integers(0, 30, (12, 12, 3), dtype=np.uint8)
-            Image.fromarray(img).save(root / cls / f"{i}.png")
-    return str(root)
+# ddpm.py
+# ---- schedule, forward process, samplers and loss --------------------------------------------------
+@pytest.mark.parametrize("kind", ["vp", "cosine"])
+@pytest.mark.parametrize("T", [1, 2, 4, 20, 50, 1000, 4000])
+def test_ddpm_schedule_valid_for_every_T(kind, T):
+    s = ddpm.make_schedule(T, kind)
+    beta, ab = s["beta"].double(), s["alpha_bar"].double()
+    assert beta.shape == (T,) and torch.all(beta > 0) and torch.all(beta < 1)
+    assert torch.all(ab[1:] < ab[:-1])                                 # monotone decreasing
+    if T in (4, 50, 1000):
+        assert ab[-1] < 1e-3                                           # x_T is close to N(0, I)
 
 
-TINY_UNET = ["--ch", 8, "--ch-mult", 1, 2, "--num-res-blocks", 1, "--image-size", 8, "--batch-size", 8]
+def test_ddpm_vp_schedule_is_near_the_papers_linear_at_T1000():
+    beta = ddpm.make_schedule(1000, "vp")["beta"].double()             # the default vp: the paper's within 3e-4
+    paper = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert abs(beta[0] - 1e-4) < 2e-5 and abs(beta[-1] - 0.02) < 3e-4
+    assert (beta - paper).abs().max() < 3e-4
 
 
-def main_exit(main, argv):
-    """Run a script's main(argv) in-process (much faster than a subprocess); returns the exit code."""
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
+@pytest.mark.parametrize("T", [1, 2, 20, 1000])
+def test_ddpm_linear_schedule_is_the_papers_linspace(T):
+    beta = ddpm.make_schedule(T, "linear")["beta"]
+    assert torch.equal(beta, torch.linspace(1e-4, 0.02, T, dtype=torch.float64).float())
 
 
+def test_ddpm_vp_default_reaches_noise_at_small_T_where_linear_does_not():
+    assert ddpm.get_parser().parse_args([]).schedule == "vp"
+    assert ddpm.make_schedule(20)["alpha_bar"][-1] < 1e-3                # vp: x_T ~ N(0, I) at T = 20
+    assert ddpm.make_schedule(20, "linear")["alpha_bar"][-1] > 0.5       # the paper's linspace: far from it
+
+
+def test_ddpm_q_sample_mean_and_variance():
+    torch.manual_seed(0)
+    s = ddpm.make_schedule(100)
+    x0 = torch.full((200_000, 1), 0.7)
+    t = torch.full((200_000,), 30, dtype=torch.long)
+    xt = ddpm.q_sample(s, x0, t, torch.randn_like(x0))
+    ab = s["alpha_bar"][29].item()
+    assert abs(xt.mean().item() - math.sqrt(ab) * 0.7) < 0.01
+    assert abs(xt.var().item() - (1 - ab)) < 0.01
+
+
+def test_ddpm_posterior_matches_gaussian_conditioning():
+    """q(x_{t-1} | x_t, x0) from Bayes' rule on q(x_{t-1} | x0) and q(x_t | x_{t-1}), in float64."""
+    s = ddpm.make_schedule(50)
+    x0, xt = torch.tensor([[0.3], [-0.8]]), torch.tensor([[1.1], [0.2]])
+    for step in (2, 17, 50):
+        t = torch.full((2,), step, dtype=torch.long)
+        mean, var = ddpm.q_posterior(s, x0, xt, t)
+        ab_prev, alpha = s["alpha_bar_prev"][step - 1].double(), s["alpha"][step - 1].double()
+        beta = 1 - alpha
+        prec = 1 / (1 - ab_prev) + alpha / beta
+        mean_ref = (ab_prev.sqrt() * x0.double() / (1 - ab_prev) + alpha.sqrt() * xt.double() / beta) / prec
+        assert torch.allclose(mean.double(), mean_ref, atol=1e-5)
+        assert torch.allclose(var.double().flatten(), (1 / prec).expand(2), rtol=1e-4)
+
+
+def toy_eps(T):
+    """A fixed, non-trivial eps_theta(x_t, t) for sampler identities."""
+    return lambda x, t, y=None: torch.tanh(0.5 * x + t.float().view(-1, *[1] * (x.dim() - 1)) / T)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddpm_ddim_eta1_full_equals_ancestral_beta_tilde(clip):
+    T, shape = 30, (4, 3, 2, 2)
+    s = ddpm.make_schedule(T)
+    a = ddpm.sample_ancestral(toy_eps(T), s, shape, var="beta_tilde", clip=clip,
+                              generator=torch.Generator().manual_seed(1))
+    b = ddpm.sample_ddim(toy_eps(T), s, shape, S=T, eta=1.0, clip=clip, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(a, b, atol=1e-4)
+    c = ddpm.sample_ancestral(toy_eps(T), s, shape, var="beta", clip=clip, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(a, c, atol=1e-4)                          # the variance choice matters
+
+
+def test_ddpm_ddim_steps_and_eta0_is_deterministic_given_x_T():
+    assert ddpm.ddim_steps(1000, 50)[0] == 1000 and ddpm.ddim_steps(1000, 50)[-1] == 1
+    assert len(ddpm.ddim_steps(1000, 50)) == 50 and ddpm.ddim_steps(7, 7) == list(range(7, 0, -1))
+    T, s = 40, ddpm.make_schedule(40)
+    a = ddpm.sample_ddim(toy_eps(T), s, (3, 2), S=10, eta=0.0, clip=False, generator=torch.Generator().manual_seed(5))
+    b = ddpm.sample_ddim(toy_eps(T), s, (3, 2), S=10, eta=0.0, clip=False, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_ddpm_ancestral_last_step_returns_x0_hat():
+    """At t = 1 the posterior mean is x0_hat itself (coef_x0 = 1, coef_xt = 0) and no noise is added."""
+    s = ddpm.make_schedule(10)
+    assert abs(s["coef_x0"][0].item() - 1) < 1e-5 and abs(s["coef_xt"][0].item()) < 1e-5
+
+
+def test_ddpm_loss_simple_is_finite_and_trains_every_parameter():
+    torch.manual_seed(0)
+    model = unet.UNet(in_ch=3, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
+    s = ddpm.make_schedule(100)
+    net = ddpm.eps_fn(model, 100, "float32")
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    loss = ddpm.loss_simple(net, s, x0)
+    assert torch.isfinite(loss) and 0.5 < loss.item() < 1.5             # zero-initialised output: ~E[eps^2] = 1
+    loss.backward()
+    assert model.conv_out.weight.grad.abs().sum() > 0                  # the zero-initialised output conv learns
+
+
+# ---- the command line end to end -------------------------------------------------------------------
 def test_ddpm_cli_train_resume_sample(tmp_path, tiny_folder, capsys):
     out = tmp_path / "run"
     # one real subprocess run, as a user types it
@@ -652,22 +792,6 @@ def test_ddpm_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, tiny_folder, m
     assert (out / "ckpt.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("script, extra", [("ddpm.py", ["--T", "10"]), ("vdm.py", ["--sample-steps", "3"]),
-                                           ("ddgan.py", ["--T", "2", "--nz", "4", "--lazy-reg", "1"]),
-                                           ("shortcut_mcmc.py", ["--fid-start", "1"])])
-def test_torchrun_two_cpu_processes(tmp_path, tiny_folder, script, extra):
-    """Every method trains under torchrun (gloo): 2 ranks, rank 0 alone logs, samples and saves."""
-    data_flags = TINY_2D if script == "shortcut_mcmc.py" else ["--data", tiny_folder, *TINY_UNET, "--n-samples", 2]
-    out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, script), *map(str, data_flags), *extra, "--steps", "3", "--device", "cpu",
-                        "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "x2" in r.stdout and (out / "ckpt.pt").is_file()
-    assert r.stdout.count("done |") == 1                                # only rank 0 samples and logs
-
-
 def test_ddpm_image_folder_cifar(tmp_path, cifar_folder):
     out = tmp_path / "cifar"
     ddpm.main(["--data", cifar_folder, "--classes", "airplane", *map(str, TINY_UNET), "--T", "10", "--steps", "2",
@@ -676,8 +800,94 @@ def test_ddpm_image_folder_cifar(tmp_path, cifar_folder):
     assert json.loads((out / "metrics.json").read_text())["data"] == cifar_folder
 
 
+def test_ddpm_version1_checkpoint_linear_means_vp(tmp_path):
+    """A checkpoint written before "vp" had its name (no "version" key) called the VP curve "linear": loading it
+    (to sample or to resume) reads vp, so its samples do not change; a new checkpoint's "linear" stays linear."""
+    out = tmp_path / "new"
+    ddpm.main(["--data", "25gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "16", "--layers", "1",
+               "--T", "10", "--n-samples", "20", "--out", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["schedule"] == "vp" and ckpt["args"]["version"] == ddpm.VERSION
+    for name, version, want in (("old", None, "vp"), ("linear", ddpm.VERSION, "linear")):
+        (tmp_path / name).mkdir()
+        args = {k: v for k, v in ckpt["args"].items() if k != "version"}
+        torch.save(dict(ckpt, args=dict(args, schedule="linear", **({"version": version} if version else {}))),
+                   tmp_path / name / "ckpt.pt")
+        assert ddpm.load(str(tmp_path / name / "ckpt.pt"))[1]["schedule"] == want
+    samples = [ddpm.generate(*ddpm.load(str(tmp_path / d / "ckpt.pt")), n=20) for d in ("new", "old", "linear")]
+    assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
+    ddpm.main(["--steps", "3", "--n-samples", "20", "--out", str(tmp_path / "old"), "--resume"])
+    assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["args"]["schedule"] == "vp"
+
+
+# ---- class-conditional DDPM with classifier-free guidance ------------------------------------------
+def test_ddpm_guidance_is_the_cfg_formula_and_changes_samples():
+    torch.manual_seed(0)
+    a = dict(data="glyphs", ch=8, ch_mult=[1], num_res_blocks=1, attn_res=[], dropout=0.0, temb_dim=None,
+             image_size=8, cond=True, class_names=["0", "1", "2"])
+    model = ddpm.build_model(a, 3).eval()
+    for p in model.parameters():                                          # undo the zero inits: the label matters
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 5, 10]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        e_c, e_null = ddpm.eps_fn(model, 10, "float32")(x, t, y), ddpm.eps_fn(model, 10, "float32")(x, t, -1 + 0 * y)
+        assert torch.equal(e_c, model(x, t * 100.0, y))                  # w = 0: the conditional model
+        assert torch.allclose(ddpm.eps_fn(model, 10, "float32", 1.0)(x, t, y), 2 * e_c - e_null, atol=1e-5)
+    assert not torch.allclose(e_c, e_null)
+    cfg = dict(a, channels=3, T=10, schedule="vp", var="beta", eta=0.0, clip_x0=True, labels=None, guidance=1.0)
+    x0, x1 = (ddpm.generate(model, cfg, n=6, guidance=w) for w in (0.0, 1.0))
+    assert x0.shape == x1.shape == (6, 3, 8, 8) and torch.isfinite(x1).all() and not torch.equal(x0, x1)
+
+
+TINY_COND = ["--data", "glyphs", *TINY_UNET, "--classes", 0, 1, "--T", 10, "--n-samples", 4, "--cond"]
+
+
+def test_ddpm_conditional_trains_resumes_and_samples_with_labels(tmp_path, capsys):
+    out = tmp_path / "cond"
+    assert main_exit(ddpm.main, [*TINY_COND, "--steps", 2, "--labels", 1, "--out", out]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["sampler"] == "ancestral_beta_w1.0_labels1" and m["nfe"] == 20 and m["n_samples"] == 4   # guided: 2 calls
+    assert "T 10 vp cond" in capsys.readouterr().out
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["args"]["cond"] and ckpt["args"]["class_names"] == ["0", "1"]
+    assert ckpt["ema"]["label_emb.weight"].shape[0] == 3                  # two classes and the null class
+    assert main_exit(ddpm.main, ["--steps", 3, "--n-samples", 4, "--out", out, "--resume"]) == 0
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--n-samples", 6, "--labels", 1, 0, "--guidance", 0,
+                                 "--sample-steps", 4, "--save-npz"]) == 0
+    npz = np.load(out / "samples_ddim4_eta0.0_w0.0_labels1-0.npz")
+    assert npz["arr_0"].shape == (6, 8, 8, 3) and npz["arr_1"].tolist() == [1, 1, 1, 0, 0, 0]
+    m = json.loads((out / "metrics_ddim4_eta0.0_w0.0_labels1-0.json").read_text())
+    assert m["nfe"] == 4 and "label_acc" in m and 0 <= m["label_acc"] <= 100
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*TINY_COND, "--labels", 7], "unknown label '7'"),                   # --classes 0 1: no class 7
+    (["--data", "glyphs", "--labels", 3], "--labels needs --cond"),
+    (["--data", "25gaussians", "--cond"], "--cond needs labelled image data"),
+    ([*TINY_COND, "--p-uncond", 1.0], "--p-uncond"),
+])
+def test_ddpm_bad_conditional_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert main_exit(ddpm.main, [*argv, "--steps", 1, "--out", tmp_path / "bad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
+def test_ddpm_sample_only_rejects_bad_labels(tmp_path, capsys):
+    out = tmp_path / "u"
+    assert main_exit(ddpm.main, ["--data", "glyphs", *TINY_UNET, "--classes", 0, 1, "--T", 5, "--steps", 1,
+                                 "--n-samples", 2, "--out", out]) == 0
+    capsys.readouterr()
+    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--labels", 1]) == 2   # an unconditional checkpoint
+    err = capsys.readouterr().err.strip()
+    assert "needs a conditional checkpoint" in err and len(err.splitlines()) == 1
+    assert not any(f.startswith("samples_") for f in os.listdir(out))
+
+
 # ====================================================================================================
-# VDM
+# vdm.py
 VDM_PY = os.path.join(HERE, "vdm.py")
 TINY_VDM = ["--ch", "8", "--ch-mult", "1", "--image-size", "8", "--classes", "0", "1", "--n-samples", "4",
         "--sample-steps", "3", "--log-every", "1e-9"]
@@ -710,8 +920,7 @@ def swirl_k(n=256, seed=0):
     return vdm.to_int(dict(data="swirl"), x)
 
 
-# ====================================================================================================
-# VDM: math
+# ---- the bound, the schedule and the sampler -------------------------------------------------------
 def test_vdm_init_terms_on_uniform_8bit_data():
     torch.manual_seed(0)
     m = vdm.build_model(vdm_args()).eval()
@@ -836,8 +1045,7 @@ def test_vdm_guidance_zero_is_the_conditional_model():
     assert not torch.allclose(e_c, e_null)
 
 
-# ====================================================================================================
-# VDM: smoke runs and the command line
+# ---- smoke runs and the command line ---------------------------------------------------------------
 @pytest.mark.parametrize("extra", [[], ["--T", "10", "--schedule", "fixed"], ["--schedule", "net", "--var-min"],
                                    ["--latent"], ["--cond", "--labels", "1", "--guidance", "2"]])
 def test_vdm_smoke_images(tmp_path, extra):
@@ -888,7 +1096,8 @@ def test_vdm_cli_rejects_unknown_schedule():
 
 
 # ====================================================================================================
-# DDGAN: math, losses, smoke runs, command line
+# ddgan.py
+# ---- schedule, real pairs, sampler and losses ------------------------------------------------------
 def test_ddgan_betas_match_paper_at_T4():
     beta = ddgan.make_schedule(4)["beta"]
     assert torch.allclose(beta.double(), torch.tensor([0.478, 0.849, 0.956, 0.987], dtype=torch.float64), atol=6e-4)
@@ -959,6 +1168,28 @@ def test_ddgan_hinge_losses_closed_form():
     assert torch.isclose(ddgan.d_loss(real, fake), F.softplus(-real).mean() + F.softplus(fake).mean())
 
 
+def test_ddgan_r1_is_nonzero_and_differentiable_in_D():
+    torch.manual_seed(0)
+    D = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
+    disc = ddgan.disc_fn(D, 4, "float32")
+    x_prev = torch.randn(4, 3, 8, 8, requires_grad=True)
+    x_t, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
+    r1 = ddgan.r1_penalty(disc(x_prev, x_t, t), x_prev)
+    assert torch.isfinite(r1) and r1.item() > 0
+    r1.backward()
+    # every weight that shapes grad_x D gets a gradient (the head's bias cannot: it does not depend on x)
+    grads = {n: p.grad for n, p in D.named_parameters() if n != "head.bias"}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert D.conv_in.weight.grad.abs().sum() > 0 and D.head.weight.grad.abs().sum() > 0
+
+
+# ---- the training loop, smoke runs and the command line --------------------------------------------
+def _small_image_flags(out, steps=3):
+    return ["--data", "glyphs", "--ch", "8", "--ch-mult", "1", "2", "--num-res-blocks", "1", "--image-size", "8",
+            "--nz", "4", "--batch-size", "8", "--T", "2", "--steps", str(steps), "--sample-every", "2",
+            "--ckpt-every", "2", "--n-samples", "4", "--lazy-reg", "2", "--out", out]
+
+
 def test_ddgan_d_steps_per_g_step(tmp_path, monkeypatch):
     """--d-steps 2: two D updates (each on a fresh draw of t, pair and z) for every G update."""
     calls = []
@@ -982,37 +1213,6 @@ def test_ddgan_share_fake_draws(tmp_path, monkeypatch, share):
     ddgan.main(_small_image_flags(str(tmp_path / "sf"), steps=2) + ["--d-steps", "2", flag])
     assert draws == ([False, True] if share else [False, False, True]) * 2
     assert pairs == [True, True]                       # G's gradient flows through the fake it is scored on
-
-
-def test_fd_scores_real_near_floor_noise_far():
-    """fd of real held-out images is near fd_floor; smooth noise is far above it."""
-    a = dict(data="glyphs-mono", image_size=8, data_dir="./data", classes=None, seed=0)
-    real = data.to_float(data.load("glyphs-mono", "test", 8, "./data", None, 0)[0][:200])
-    noise = torch.nn.functional.avg_pool2d(torch.rand(200, 1, 8, 8) * 2 - 1, 3, 1, 1)
-    r, n = data.fd_scores(a, real), data.fd_scores(a, noise)
-    assert r["fd_floor"] == n["fd_floor"] and r["fd_floor"] > 0
-    assert r["fd"] < 2 * r["fd_floor"] and n["fd"] > 10 * r["fd_floor"]
-
-
-def test_ddgan_r1_is_nonzero_and_differentiable_in_D():
-    torch.manual_seed(0)
-    D = unet.Discriminator(in_ch=6, ch=16, ch_mult=(1, 2), num_res_blocks=1, image_size=8)
-    disc = ddgan.disc_fn(D, 4, "float32")
-    x_prev = torch.randn(4, 3, 8, 8, requires_grad=True)
-    x_t, t = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4])
-    r1 = ddgan.r1_penalty(disc(x_prev, x_t, t), x_prev)
-    assert torch.isfinite(r1) and r1.item() > 0
-    r1.backward()
-    # every weight that shapes grad_x D gets a gradient (the head's bias cannot: it does not depend on x)
-    grads = {n: p.grad for n, p in D.named_parameters() if n != "head.bias"}
-    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert D.conv_in.weight.grad.abs().sum() > 0 and D.head.weight.grad.abs().sum() > 0
-
-
-def _small_image_flags(out, steps=3):
-    return ["--data", "glyphs", "--ch", "8", "--ch-mult", "1", "2", "--num-res-blocks", "1", "--image-size", "8",
-            "--nz", "4", "--batch-size", "8", "--T", "2", "--steps", str(steps), "--sample-every", "2",
-            "--ckpt-every", "2", "--n-samples", "4", "--lazy-reg", "2", "--out", out]
 
 
 def test_ddgan_smoke_2d(tmp_path):
@@ -1102,7 +1302,7 @@ def test_ddgan_sample_only_npz_and_cli_errors(tmp_path):
 
 
 # ====================================================================================================
-# Shortcut MCMC: the chain, smoke runs, command line
+# shortcut_mcmc.py
 TINY_2D = ["--hidden", 32, "--layers", 2, "--batch-size", 64, "--T", 20, "--K", 3, "--n-samples", 64,
            "--subsets", 2, "--eval-seeds", 1]
 
@@ -1119,11 +1319,10 @@ def toy_model(seed=0):
 CFG = dict(T=20, K=4, renoise="eps_hat", clip=True, fidelity="l2", fid_batch=64, dtype="float32")
 
 
-# ====================================================================================================
-# shortcut_mcmc.py: the chain's math
+# ---- the chain and the losses ----------------------------------------------------------------------
 @pytest.mark.parametrize("fidelity", ["l2", "energy"])
 @pytest.mark.parametrize("renoise", ["forward", "eps_hat", "fresh"])
-def test_fidelity_loss_alone_trains_every_network_parameter(fidelity, renoise):
+def test_shortcut_fidelity_loss_alone_trains_every_network_parameter(fidelity, renoise):
     model = toy_model()
     x0 = torch.randn(64, 2)
     fid = model(x0, dict(CFG, fidelity=fidelity, renoise=renoise), True)[3]
@@ -1134,7 +1333,7 @@ def test_fidelity_loss_alone_trains_every_network_parameter(fidelity, renoise):
     assert model.b.grad is None and model.w.grad is None                # schedule detached inside the chain
 
 
-def test_each_iteration_draws_new_times(monkeypatch):
+def test_shortcut_each_iteration_draws_new_times(monkeypatch):
     drawn, real = [], sm.chain_times
     monkeypatch.setattr(sm, "chain_times", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
     model, x0 = toy_model(), torch.randn(16, 2)
@@ -1147,7 +1346,7 @@ def test_each_iteration_draws_new_times(monkeypatch):
     assert model(x0, CFG, False)[3].item() == 0 and len(drawn) == 2     # no chain without the fidelity term
 
 
-def test_chain_eps_hat_equals_ddim_eta0():
+def test_shortcut_chain_eps_hat_equals_ddim_eta0():
     """--renoise eps_hat: each jump is DDIM's eta = 0 update (Song et al. Eq. 12) written with
     alpha_bar = sigmoid(-gamma), computed here independently in float64."""
     model, T, times = toy_model(), 20, [20, 13, 7, 2]
@@ -1168,7 +1367,7 @@ def test_chain_eps_hat_equals_ddim_eta0():
     assert not torch.allclose(sm.run_chain(model, z1, times, T, "forward", clip=False).detach(), got, atol=1e-4)
 
 
-def test_full_chain_visits_every_grid_time():
+def test_shortcut_full_chain_visits_every_grid_time():
     T = 12
     assert sm.chain_times(T, T - 1, "random") == list(range(T, 0, -1))
     assert sm.chain_times(T, T - 1, "even") == list(range(T, 0, -1))
@@ -1183,7 +1382,7 @@ def test_full_chain_visits_every_grid_time():
         sm.chain_times(T, T)
 
 
-def test_samplers_finite_and_in_the_box():
+def test_shortcut_samplers_finite_and_in_the_box():
     model = toy_model()
     g = torch.Generator().manual_seed(0)
     a = sm.sample_ancestral(model, (50, 2), 20, clip=True, generator=g)
@@ -1192,8 +1391,35 @@ def test_samplers_finite_and_in_the_box():
         assert torch.isfinite(x).all() and x.abs().max() <= 3.0
 
 
-# ====================================================================================================
-# shortcut_mcmc.py: smoke runs and the command line
+@pytest.mark.parametrize("data_name", ["glyphs", "swirl"])
+def test_shortcut_recon_bins_hold_all_the_mass(data_name):
+    """DDPM Eq. 13: for any decoder mean u, p(k | z_0) over the 256 bins sums to 1, because bins 0 and 255 reach
+    -inf and +inf (integrating each bin over its own width alone loses the tails beyond the two edges)."""
+    a = dict(data=data_name, channels=1, hidden=8, layers=1, box=[[-3.0, -3.0], [3.0, 3.0]], ch=8, ch_mult=[1],
+             num_res_blocks=1, attn_res=[], dropout=0.0, temb_dim=None, image_size=8)
+    model = sm.build_model(a)
+    grid = data.swirl_grid()[0] if data_name == "swirl" else torch.arange(256.0) / 127.5 - 1   # bin values, axis 0
+    for g0 in (-13.3, -6.0, -2.0):
+        std = math.exp(g0 / 2)
+        for u in (grid[0] - 3 * std, grid[0] + 0.3 * (grid[1] - grid[0]), grid[100], grid[255] + 5 * std):
+            x = grid[:, None].expand(256, 2) if data_name == "swirl" else grid.view(256, 1, 1, 1)
+            nll = sm.recon_nll(model, x, (u - x) / std, torch.tensor(g0))
+            total = torch.exp(-nll.flatten(1)[:, 0]).sum().item()
+            assert abs(total - 1) < 1e-5, (g0, u)
+
+
+def test_shortcut_energy_distance_is_per_dimension():
+    """The fidelity variant's energy distance between N(0, I) and N(0.5, I) is about the same at D = 2 and D = 256,
+    so --lambda-fid means the same on 2-D points and on images (unnormalised it would be ~11x larger at 256)."""
+    g = torch.Generator().manual_seed(0)
+    ed = {D: sm.energy_distance(torch.randn(2000, D, generator=g), torch.randn(2000, D, generator=g) + 0.5).item()
+          for D in (2, 256)}
+    assert 0.12 < ed[2] < 0.19 and 0.14 < ed[256] < 0.2 and 0.7 < ed[2] / ed[256] < 1.3
+    same = sm.energy_distance(torch.randn(2000, 256, generator=g), torch.randn(2000, 256, generator=g)).item()
+    assert abs(same) < 0.01
+
+
+# ---- smoke runs and the command line ---------------------------------------------------------------
 def test_shortcut_2d_train_resume_sample_only(tmp_path, capsys):
     out = tmp_path / "swirl"
     assert main_exit(sm.main, [*TINY_2D, "--steps", 4, "--fid-start", 2, "--out", out]) == 0
@@ -1278,104 +1504,7 @@ def test_shortcut_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatc
 
 
 # ====================================================================================================
-# trilemma.py and its data.py helpers (Frechet distance, classifier features, Stacked MNIST, CIFAR-10 tarball)
-# ---- Frechet distance ------------------------------------------------------------------------------
-def _exact(n, mean, cov, seed):
-    """n points whose sample mean and (unbiased) covariance are exactly `mean` and `cov`."""
-    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    z = z - z.mean(0)
-    z = z @ torch.linalg.inv(torch.linalg.cholesky(z.T @ z / (n - 1))).T   # whitened: identity sample covariance
-    return z @ torch.linalg.cholesky(cov).T + mean
-
-
-def test_frechet_self_zero_and_grows_with_shift():
-    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
-    assert abs(data.frechet(x, x)) < 1e-8
-    shifts = [data.frechet(x, x + d) for d in (0.5, 1.0, 2.0)]
-    assert shifts == sorted(shifts) and shifts[0] > 0
-    assert math.isclose(shifts[1], 16 * 1.0 ** 2, rel_tol=1e-9)      # a pure shift adds |d|^2 per dimension
-
-
-def test_frechet_matches_closed_form_for_two_gaussians():
-    # 2 x 2 covariances that do not commute: tr((A B)^1/2) = sqrt(tr(A B) + 2 sqrt(det(A B))) for 2 x 2 PSD
-    A = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
-    B = torch.tensor([[0.5, -0.2], [-0.2, 1.5]], dtype=torch.float64)
-    mu_a, mu_b = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1.0, -1.0], dtype=torch.float64)
-    AB = A @ B
-    tr_root = math.sqrt(AB.trace() + 2 * math.sqrt(torch.linalg.det(AB)))
-    expected = float((mu_a - mu_b).pow(2).sum() + A.trace() + B.trace() - 2 * tr_root)
-    got = data.frechet(_exact(400, mu_a, A, 1), _exact(300, mu_b, B, 2))
-    assert math.isclose(got, expected, rel_tol=1e-9)
-    with pytest.raises(ValueError):
-        data.frechet(torch.zeros(1, 2), torch.zeros(5, 2))
-
-
-# ---- classifier features -----------------------------------------------------------------------------
-def test_classifier_accuracy_and_features(tmp_path, monkeypatch):
-    """glyphs-mono 8x8, 2 epochs: the classifier reads real test digits (>= 95%), and in its penultimate
-    features real test images lie far closer to real training images than noise does."""
-    name = "glyphs-mono"
-    net, acc, names = data.classifier(name, 8, str(tmp_path), None, 2)
-    assert acc >= 95 and len(names) == 10
-    monkeypatch.setattr(data, "classifier", lambda *args, **kw: (net, acc, names))  # score_images(), features()
-    real, train = data.load(name, "test", 8)[0][:500], data.load(name, "train", 8)[0][:500]
-    f_real = data.features(real, name, 8, str(tmp_path))                   # uint8 in, as well as [-1, 1]
-    assert f_real.shape == (500, 128) and torch.equal(f_real, data.features(data.to_float(real), name, 8))
-    floor = data.frechet(data.features(train, name, 8), f_real)
-    noise = data.frechet(data.features(torch.rand(500, 1, 8, 8) * 2 - 1, name, 8), f_real)
-    assert noise > 20 * floor
-    # legibility: real digits count, smooth blobs (made differently from the reject class's) and mode averages do not
-    assert data.score_images(data.to_float(real), name, 8)["legible"] > 95
-    g = torch.Generator().manual_seed(0)
-    for sigma in (1.0, 1.5, 2.5):
-        k = torch.exp(-torch.arange(-6.0, 7.0) ** 2 / (2 * sigma ** 2))
-        k = (k / k.sum()).view(1, 1, 1, -1)
-        z = torch.randn(500, 1, 20, 20, generator=g)
-        z = F.conv2d(F.conv2d(z, k), k.transpose(2, 3))[:, :, :8, :8]       # Gaussian-smoothed noise, 8x8
-        blobs = (z / z.flatten(1).std(1).view(-1, 1, 1, 1) * 0.7).clamp(-1, 1)
-        assert data.score_images(blobs, name, 8)["legible"] < 5, sigma
-    average = sum(data.to_float(real).roll(i, 0) for i in range(6)) / 6     # what a mode-averaging G draws
-    assert data.score_images(average, name, 8)["legible"] < 5
-    ro = tmp_path / "ro"                                                 # a read-only --data-dir (../shared/data)
-    ro.mkdir(mode=0o555)                                                 # keeps its classifier cache in ./data
-    assert not data._writable(str(ro)) and data._writable(str(tmp_path))
-
-
-def test_glyphs_mono_is_the_same_digits_in_one_channel():
-    x, y, _ = data.load("glyphs-mono", "test", 16)
-    xc, yc, _ = data.load("glyphs", "test", 16)
-    assert x.shape == (5000, 1, 16, 16) and torch.equal(y, yc)
-    assert x.flatten(1).min(1).values.max() == 0 and x.flatten(1).max(1).values.min() > 200     # white on black
-    ink, ink_c = x[:, 0] > 127, (xc.float() - xc[:, :, :1, :1].float()).abs().amax(1) > 64   # the same pixels lit
-    assert (ink == ink_c).float().mean() > 0.97
-
-
-# ---- real data sets ------------------------------------------------------------------------------
-def test_stackedmnist_shapes_labels_and_scores():
-    _need_shared("MNIST", "raw")
-    x, y, names = data.load("stackedmnist", "test", 16, SHARED)
-    assert x.shape == (10_000, 3, 16, 16) and x.dtype == torch.uint8 and len(names) == 1000
-    assert y.min() >= 0 and y.max() < 1000 and len(y.unique()) > 990    # 10,000 draws cover ~all 1000 modes
-    digits, dy, _ = data.load("mnist", "test", 16, SHARED)
-    # every channel is an MNIST test digit, and the label spells the three digits
-    for i in range(3):
-        c = [((digits[:, 0] == x[i, k]).flatten(1).all(1)).nonzero()[:, 0] for k in range(3)]
-        assert 100 * dy[c[0][0]] + 10 * dy[c[1][0]] + dy[c[2][0]] == y[i]
-    x2, y2, _ = data.load("stackedmnist", "test", 16, SHARED, seed=1)
-    assert not torch.equal(y, y2) and torch.equal(y, data.load("stackedmnist", "test", 16, SHARED)[1])
-
-
-def test_cifar10_from_tarball_one_class():
-    d = os.path.dirname(_need_shared("cifar10-jpeg.tar.gz"))
-    if os.path.isdir(os.path.join(d, "cifar-10-batches-py")):
-        pytest.skip("a torchvision copy takes precedence there")
-    x, y, names = data.load("cifar10", "test", 16, d, ["airplane"])
-    assert x.shape == (1000, 3, 16, 16) and names == ["airplane"] and (y == 0).all()
-    with pytest.raises(ValueError, match="unknown class"):
-        data.load("cifar10", "test", 16, d, ["zebra"])
-
-
-# ---- trilemma.py end to end ----------------------------------------------------------------------------
+# trilemma.py end to end
 def test_trilemma_table_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "tri"
     argv = ["--data", "25gaussians", "--methods", "ddpm", "ddgan", "--steps", "20", "--n-samples", "200",
@@ -1419,8 +1548,26 @@ def test_trilemma_skips_a_missing_method_file(tmp_path, monkeypatch, capsys):
 
 
 # ====================================================================================================
-# The shared run plumbing (data.py): bad input is one line and exit 2 with nothing touched, a diverged
-# update never reaches ckpt.pt, --resume continues bit-exactly, and kill -9 never leaves a torn checkpoint
+# The run plumbing every method shares (data.py), tried through each script: torchrun with two CPU
+# processes, bad input is one line and exit 2 with nothing touched, a diverged update never reaches ckpt.pt,
+# --resume continues bit-exactly, --sample-only needs only the checkpoint, kill -9 never leaves a torn
+# checkpoint, and long samplers print progress. Parametrize ids name the method, so -k ddgan selects them.
+@pytest.mark.parametrize("script, extra", [("ddpm.py", ["--T", "10"]), ("vdm.py", ["--sample-steps", "3"]),
+                                           ("ddgan.py", ["--T", "2", "--nz", "4", "--lazy-reg", "1"]),
+                                           ("shortcut_mcmc.py", ["--fid-start", "1"])],
+                         ids=["ddpm", "vdm", "ddgan", "shortcut_mcmc"])
+def test_plumbing_torchrun_two_cpu_processes(tmp_path, tiny_folder, script, extra):
+    """Every method trains under torchrun (gloo): 2 ranks, rank 0 alone logs, samples and saves."""
+    data_flags = TINY_2D if script == "shortcut_mcmc.py" else ["--data", tiny_folder, *TINY_UNET, "--n-samples", 2]
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, script), *map(str, data_flags), *extra, "--steps", "3", "--device", "cpu",
+                        "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x2" in r.stdout and (out / "ckpt.pt").is_file()
+    assert r.stdout.count("done |") == 1                                # only rank 0 samples and logs
+
 
 SCRIPTS = {"ddpm": ddpm.main, "vdm": vdm.main, "ddgan": ddgan.main, "shortcut_mcmc": sm.main}
 TRAIN_FLAGS = {  # a tiny image run of each script, a couple of seconds
@@ -1587,7 +1734,28 @@ def test_plumbing_resume_is_bit_exact(script, tmp_path, tiny_folder):
         assert diff == 0, (k, diff)
 
 
-def test_plumbing_kill_9_never_leaves_a_torn_checkpoint(tmp_path):
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_plumbing_sample_only_needs_only_the_checkpoint(script, tmp_path, tiny_folder, capsys):
+    """--sample-only after the training data is gone: samples and metrics are written, the scores that need the
+    real data are skipped with one note."""
+    folder, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(tiny_folder, folder)
+    assert main_exit(SCRIPTS[script], _train_argv(script, folder, out)) == 0
+    shutil.rmtree(folder)
+    data._load.cache_clear()                                      # as in a new process: nothing cached in memory
+    data.classifier.cache_clear()
+    capsys.readouterr()
+    extra = ["--K", 2] if script == "shortcut_mcmc" else []
+    assert main_exit(SCRIPTS[script], ["--sample-only", "--out", out, "--n-samples", 4, "--save-npz", *extra]) == 0
+    assert "scores skipped" in capsys.readouterr().err
+    files = os.listdir(out)
+    assert any(f.startswith("samples_") and f.endswith(".png") for f in files)
+    assert any(f.startswith("samples_") and f.endswith(".npz") for f in files)
+    metrics = [json.load(open(out / f)) for f in files if f.startswith("metrics_")]
+    assert metrics and "legible" not in metrics[0] and metrics[0]["n_samples"] == 4
+
+
+def test_plumbing_kill_9_during_ddpm_training_never_leaves_a_torn_checkpoint(tmp_path):
     """kill -9 a training run at random moments: ckpt.pt always loads, and --resume continues from its step."""
     out = tmp_path / "run"
     argv = [sys.executable, os.path.join(HERE, "ddpm.py"), "--data", "25gaussians", "--hidden", 64, "--T", 50,
@@ -1613,46 +1781,7 @@ def test_plumbing_kill_9_never_leaves_a_torn_checkpoint(tmp_path):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == steps[-1] + 3
 
 
-def test_plumbing_folder_keeps_channels_and_holds_out_a_split(tmp_path):
-    """A grayscale folder stays 1-channel; train/ without test/ keeps its classes and holds every 10th image out;
-    the real row under a grid shows several classes."""
-    for c in ("a", "b", "c"):
-        os.makedirs(tmp_path / "train" / c)
-        for i in range(20):
-            value = 10 * i + "abc".index(c) * 3                                    # unique per image
-            Image.fromarray(np.full((10, 10), value, np.uint8)).save(tmp_path / "train" / c / f"{i:02d}.png")
-    x, y, names = data.load(str(tmp_path), "train", 8)
-    xt, yt, _ = data.load(str(tmp_path), "test", 8)
-    assert x.shape == (54, 1, 8, 8) and xt.shape == (6, 1, 8, 8) and names == ["a", "b", "c"]
-    assert set(yt.tolist()) == {0, 1, 2}
-    row_labels = [int(y[(x == r).flatten(1).all(1)].unique().item()) for r in data.real_row(x, y, 6)]
-    assert row_labels == [0, 1, 2, 0, 1, 2]
-
-
-@pytest.mark.parametrize("script", list(SCRIPTS))
-def test_plumbing_sample_only_needs_only_the_checkpoint(script, tmp_path, tiny_folder, capsys):
-    """--sample-only after the training data is gone: samples and metrics are written, the scores that need the
-    real data are skipped with one note."""
-    folder, out = tmp_path / "data", tmp_path / "out"
-    shutil.copytree(tiny_folder, folder)
-    assert main_exit(SCRIPTS[script], _train_argv(script, folder, out)) == 0
-    shutil.rmtree(folder)
-    data._load.cache_clear()                                      # as in a new process: nothing cached in memory
-    data.classifier.cache_clear()
-    capsys.readouterr()
-    extra = ["--K", 2] if script == "shortcut_mcmc" else []
-    assert main_exit(SCRIPTS[script], ["--sample-only", "--out", out, "--n-samples", 4, "--save-npz", *extra]) == 0
-    assert "scores skipped" in capsys.readouterr().err
-    files = os.listdir(out)
-    assert any(f.startswith("samples_") and f.endswith(".png") for f in files)
-    assert any(f.startswith("samples_") and f.endswith(".npz") for f in files)
-    metrics = [json.load(open(out / f)) for f in files if f.startswith("metrics_")]
-    assert metrics and "legible" not in metrics[0] and metrics[0]["n_samples"] == 4
-
-
-# ====================================================================================================
-# Issue 15: sampler progress, DDPM's schedule names, the shortcut-MCMC terms, class-conditional DDPM
-def test_long_samplers_print_progress_and_keep_their_numbers(monkeypatch, capsys):
+def test_plumbing_ddpm_vdm_shortcut_samplers_print_progress_and_keep_their_numbers(monkeypatch, capsys):
     """Every many-step sampler prints a progress line every few seconds (here a fake clock that ticks 1 s per
     reading), with steps done, rate and ETA; printing changes no sample: the same seed gives the same numbers."""
     T, sched, sm_model, vdm_model = 40, ddpm.make_schedule(40), toy_model(), swirl_model()
@@ -1674,128 +1803,3 @@ def test_long_samplers_print_progress_and_keep_their_numbers(monkeypatch, capsys
         out = capsys.readouterr().out
         assert f"/{T} steps" in out and "/s | eta" in out, k
         assert torch.equal(x, quiet[k]), k
-
-
-@pytest.mark.parametrize("T", [1, 2, 20, 1000])
-def test_ddpm_linear_schedule_is_the_papers_linspace(T):
-    beta = ddpm.make_schedule(T, "linear")["beta"]
-    assert torch.equal(beta, torch.linspace(1e-4, 0.02, T, dtype=torch.float64).float())
-
-
-def test_ddpm_vp_default_reaches_noise_at_small_T_where_linear_does_not():
-    assert ddpm.get_parser().parse_args([]).schedule == "vp"
-    assert ddpm.make_schedule(20)["alpha_bar"][-1] < 1e-3                # vp: x_T ~ N(0, I) at T = 20
-    assert ddpm.make_schedule(20, "linear")["alpha_bar"][-1] > 0.5       # the paper's linspace: far from it
-
-
-def test_ddpm_old_checkpoint_linear_means_vp(tmp_path):
-    """A checkpoint written before "vp" had its name (no "version" key) called the VP curve "linear": loading it
-    (to sample or to resume) reads vp, so its samples do not change; a new checkpoint's "linear" stays linear."""
-    out = tmp_path / "new"
-    ddpm.main(["--data", "25gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "16", "--layers", "1",
-               "--T", "10", "--n-samples", "20", "--out", str(out)])
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["args"]["schedule"] == "vp" and ckpt["args"]["version"] == ddpm.VERSION
-    for name, version, want in (("old", None, "vp"), ("linear", ddpm.VERSION, "linear")):
-        (tmp_path / name).mkdir()
-        args = {k: v for k, v in ckpt["args"].items() if k != "version"}
-        torch.save(dict(ckpt, args=dict(args, schedule="linear", **({"version": version} if version else {}))),
-                   tmp_path / name / "ckpt.pt")
-        assert ddpm.load(str(tmp_path / name / "ckpt.pt"))[1]["schedule"] == want
-    samples = [ddpm.generate(*ddpm.load(str(tmp_path / d / "ckpt.pt")), n=20) for d in ("new", "old", "linear")]
-    assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
-    ddpm.main(["--steps", "3", "--n-samples", "20", "--out", str(tmp_path / "old"), "--resume"])
-    assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["args"]["schedule"] == "vp"
-
-
-@pytest.mark.parametrize("data_name", ["glyphs", "swirl"])
-def test_shortcut_recon_bins_hold_all_the_mass(data_name):
-    """DDPM Eq. 13: for any decoder mean u, p(k | z_0) over the 256 bins sums to 1, because bins 0 and 255 reach
-    -inf and +inf (integrating each bin over its own width alone loses the tails beyond the two edges)."""
-    a = dict(data=data_name, channels=1, hidden=8, layers=1, box=[[-3.0, -3.0], [3.0, 3.0]], ch=8, ch_mult=[1],
-             num_res_blocks=1, attn_res=[], dropout=0.0, temb_dim=None, image_size=8)
-    model = sm.build_model(a)
-    grid = data.swirl_grid()[0] if data_name == "swirl" else torch.arange(256.0) / 127.5 - 1   # bin values, axis 0
-    for g0 in (-13.3, -6.0, -2.0):
-        std = math.exp(g0 / 2)
-        for u in (grid[0] - 3 * std, grid[0] + 0.3 * (grid[1] - grid[0]), grid[100], grid[255] + 5 * std):
-            x = grid[:, None].expand(256, 2) if data_name == "swirl" else grid.view(256, 1, 1, 1)
-            nll = sm.recon_nll(model, x, (u - x) / std, torch.tensor(g0))
-            total = torch.exp(-nll.flatten(1)[:, 0]).sum().item()
-            assert abs(total - 1) < 1e-5, (g0, u)
-
-
-def test_shortcut_energy_distance_is_per_dimension():
-    """The fidelity variant's energy distance between N(0, I) and N(0.5, I) is about the same at D = 2 and D = 256,
-    so --lambda-fid means the same on 2-D points and on images (unnormalised it would be ~11x larger at 256)."""
-    g = torch.Generator().manual_seed(0)
-    ed = {D: sm.energy_distance(torch.randn(2000, D, generator=g), torch.randn(2000, D, generator=g) + 0.5).item()
-          for D in (2, 256)}
-    assert 0.12 < ed[2] < 0.19 and 0.14 < ed[256] < 0.2 and 0.7 < ed[2] / ed[256] < 1.3
-    same = sm.energy_distance(torch.randn(2000, 256, generator=g), torch.randn(2000, 256, generator=g)).item()
-    assert abs(same) < 0.01
-
-
-TINY_COND = ["--data", "glyphs", *TINY_UNET, "--classes", 0, 1, "--T", 10, "--n-samples", 4, "--cond"]
-
-
-def test_ddpm_conditional_trains_resumes_and_samples_with_labels(tmp_path, capsys):
-    out = tmp_path / "cond"
-    assert main_exit(ddpm.main, [*TINY_COND, "--steps", 2, "--labels", 1, "--out", out]) == 0
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["sampler"] == "ancestral_beta_w1.0_labels1" and m["nfe"] == 20 and m["n_samples"] == 4   # guided: 2 calls
-    assert "T 10 vp cond" in capsys.readouterr().out
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["args"]["cond"] and ckpt["args"]["class_names"] == ["0", "1"]
-    assert ckpt["ema"]["label_emb.weight"].shape[0] == 3                  # two classes and the null class
-    assert main_exit(ddpm.main, ["--steps", 3, "--n-samples", 4, "--out", out, "--resume"]) == 0
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
-    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--n-samples", 6, "--labels", 1, 0, "--guidance", 0,
-                                 "--sample-steps", 4, "--save-npz"]) == 0
-    npz = np.load(out / "samples_ddim4_eta0.0_w0.0_labels1-0.npz")
-    assert npz["arr_0"].shape == (6, 8, 8, 3) and npz["arr_1"].tolist() == [1, 1, 1, 0, 0, 0]
-    m = json.loads((out / "metrics_ddim4_eta0.0_w0.0_labels1-0.json").read_text())
-    assert m["nfe"] == 4 and "label_acc" in m and 0 <= m["label_acc"] <= 100
-
-
-def test_ddpm_guidance_is_the_cfg_formula_and_changes_samples():
-    torch.manual_seed(0)
-    a = dict(data="glyphs", ch=8, ch_mult=[1], num_res_blocks=1, attn_res=[], dropout=0.0, temb_dim=None,
-             image_size=8, cond=True, class_names=["0", "1", "2"])
-    model = ddpm.build_model(a, 3).eval()
-    for p in model.parameters():                                          # undo the zero inits: the label matters
-        if not p.any():
-            torch.nn.init.normal_(p, std=0.1)
-    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([1, 5, 10]), torch.tensor([0, 1, 2])
-    with torch.no_grad():
-        e_c, e_null = ddpm.eps_fn(model, 10, "float32")(x, t, y), ddpm.eps_fn(model, 10, "float32")(x, t, -1 + 0 * y)
-        assert torch.equal(e_c, model(x, t * 100.0, y))                  # w = 0: the conditional model
-        assert torch.allclose(ddpm.eps_fn(model, 10, "float32", 1.0)(x, t, y), 2 * e_c - e_null, atol=1e-5)
-    assert not torch.allclose(e_c, e_null)
-    cfg = dict(a, channels=3, T=10, schedule="vp", var="beta", eta=0.0, clip_x0=True, labels=None, guidance=1.0)
-    x0, x1 = (ddpm.generate(model, cfg, n=6, guidance=w) for w in (0.0, 1.0))
-    assert x0.shape == x1.shape == (6, 3, 8, 8) and torch.isfinite(x1).all() and not torch.equal(x0, x1)
-
-
-@pytest.mark.parametrize("argv, message", [
-    ([*TINY_COND, "--labels", 7], "unknown label '7'"),                   # --classes 0 1: no class 7
-    (["--data", "glyphs", "--labels", 3], "--labels needs --cond"),
-    (["--data", "25gaussians", "--cond"], "--cond needs labelled image data"),
-    ([*TINY_COND, "--p-uncond", 1.0], "--p-uncond"),
-])
-def test_ddpm_bad_conditional_flags_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    assert main_exit(ddpm.main, [*argv, "--steps", 1, "--out", tmp_path / "bad"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "bad" / "ckpt.pt").exists()
-
-
-def test_ddpm_sample_only_rejects_bad_labels(tmp_path, capsys):
-    out = tmp_path / "u"
-    assert main_exit(ddpm.main, ["--data", "glyphs", *TINY_UNET, "--classes", 0, 1, "--T", 5, "--steps", 1,
-                                 "--n-samples", 2, "--out", out]) == 0
-    capsys.readouterr()
-    assert main_exit(ddpm.main, ["--sample-only", "--out", out, "--labels", 1]) == 2   # an unconditional checkpoint
-    err = capsys.readouterr().err.strip()
-    assert "needs a conditional checkpoint" in err and len(err.splitlines()) == 1
-    assert not any(f.startswith("samples_") for f in os.listdir(out))
