@@ -1210,7 +1210,7 @@ def write_compare(out, title, results, two_d):
     return lines
 
 
-# ---- more pieces that more than one method file can use (moved out of vdm.py) ----------------------------------
+# ---- more shared pieces: 8-bit values, labels and guidance, training-loop steps, --eval output ----------------
 def to_8bit(a, x):
     """A float batch (images in [-1, 1], swirl points standardised) -> its exact 8-bit values (int64, same shape)."""
     if is_2d(a["data"]):

@@ -94,7 +94,7 @@ def sample_posterior(sched, x0, x_t, t, generator=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Adversarial losses (Eqs. 5-6), on logits only: softplus(-l) = -log sigmoid(l), softplus(l) = -log(1 - sigmoid(l)),
-# finite for any logit (the report's sigmoid-then-log turned into -inf at |logit| ~ 17 and gave black images)
+# finite for any logit (a sigmoid then a log is -inf from |logit| ~ 17 in float32, where 1 - sigmoid rounds to 0)
 def d_loss(real_logits, fake_logits, kind="softplus"):
     """D: -log D(real) - log(1 - D(fake)) = softplus(-l_real) + softplus(l_fake), batch means (the paper's);
     kind="hinge": relu(1 - l_real) + relu(1 + l_fake) (Lim & Ye 2017, the CPU recipe: D stays alive)."""
@@ -183,7 +183,7 @@ def build_models(a, in_ch):
     nz = 0 if a["no_z"] else a["nz"]
     if data.is_2d(a["data"]):
         # points enter both nets x POINT_GAIN (G's output is divided by it): with the natural scale (modes of std
-        # 0.05 on a +-4 grid) the MLPs did not resolve the modes; D uses LeakyReLU(0.2) like the image D
+        # 0.05 on a +-4 grid) the MLPs do not resolve the modes; D uses LeakyReLU(0.2) like the image D
         G = MLP(in_dim=2, hidden=a["hidden"], layers=a["layers"], z_dim=nz, in_scale=POINT_GAIN,
                 out_scale=1 / POINT_GAIN)
         D = MLP(in_dim=4, out_dim=1, hidden=a["hidden"], layers=a["layers"], zero_out=False, act="lrelu",

@@ -247,9 +247,9 @@ VERSION = 2                                                      # of a checkpoi
 
 
 def upgrade(a):
-    """Bring the settings `a` of an older checkpoint up to VERSION, in place. Version 1 (no "version" key) named the
-    VP curve "linear"; that name now means the paper's exact linspace, so its "linear" becomes "vp". A checkpoint
-    from before --cond is unconditional."""
+    """Bring the settings `a` of an older checkpoint up to VERSION, in place. Version 1 (no "version" key) names the
+    VP curve "linear", which in version 2 is the paper's exact linspace, so a version-1 "linear" becomes "vp". A
+    checkpoint without a "cond" setting is unconditional."""
     if a.get("version", 1) < 2:
         a.update(schedule="vp" if a.get("schedule") == "linear" else a.get("schedule"), version=2)
     for k, v in dict(cond=False, class_names=[], p_uncond=0.0, guidance=0.0, labels=None).items():

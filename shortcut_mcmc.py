@@ -7,7 +7,7 @@ x0_hat = (z_t - sigma_t eps_hat) / alpha_t and re-noise it, z_s = alpha_s x0_hat
 is the sample (K + 1 network calls). Training adds a fidelity loss ||x0 - x0_hat||^2, back-propagated through
 every network call of the chain (started from alpha_1 x0 + sigma_1 eps), to the usual VDM bound, so that the
 K-step sampler lands on the data. --lambda-fid 0 is the plain VDM baseline. The paper's per-sample loss
-(--fidelity l2) made every sampler worse in our runs; the default is a variant (--fidelity energy): the energy
+(--fidelity l2) makes every sampler worse in our runs; the default is a variant (--fidelity energy): the energy
 distance between a batch of chain samples started from N(0, I), as at sampling, and a batch of data.
 
 Run:   python shortcut_mcmc.py --compare               # swirl: baseline vs shortcut, K=10 and all 200 (~3 min)
@@ -93,7 +93,7 @@ def run_chain(model, z, times, T, renoise, clip=True, eps_fwd=None, dtype="float
     for i in range(len(times)):
         eps_hat = model.eps_hat(z, g[i].expand(z.shape[0]), dtype)
         x0_hat = (z - sigma[i] * eps_hat) / alpha[i]
-        x0_hat = x0_hat.clamp(model.lo, model.hi) if clip else x0_hat    # the data's box (METHODS pitfall)
+        x0_hat = x0_hat.clamp(model.lo, model.hi) if clip else x0_hat    # the data's box: the first jump divides by alpha_1 ~ 0.08
         if i + 1 == len(times):
             return x0_hat
         if sampling:                                             # --K T-1 on images: a line every few seconds
@@ -169,7 +169,7 @@ def losses(model, x0, cfg, use_fid):
     recon = recon_nll(model, x0, torch.randn_like(x0), g0).mean().float()
     fid = x0.new_zeros(())
     if use_fid:
-        times = chain_times(cfg["T"], cfg["K"], "random")       # fresh times every iteration (the public code froze them)
+        times = chain_times(cfg["T"], cfg["K"], "random")       # fresh times every iteration (the public code draws them once)
         xb, l2 = x0[:cfg["fid_batch"]], cfg["fidelity"] == "l2"
         a1, s1 = alpha_sigma(g1.detach())
         e1 = torch.randn_like(xb)
@@ -322,9 +322,10 @@ def sample_only(args):
 
 
 def compare(args):
-    """The report's experiment: the baseline (lambda_fid 0) and the shortcut model share the diffusion-only warm-up
-    (--fid-start steps, same seed), then each trains to --steps, with and without the fidelity loss; both are
-    sampled with K random times (subsets x seeds), K evenly spaced ones, all T grid times and VDM's ancestral."""
+    """The shortcut model against its VDM baseline: the baseline (lambda_fid 0) and the shortcut model share the
+    diffusion-only warm-up (--fid-start steps, same seed), then each trains to --steps, with and without the fidelity
+    loss; both are sampled with K random times (subsets x seeds), K evenly spaced ones, all T grid times and VDM's
+    ancestral."""
     if "RANK" in os.environ:
         raise ValueError("--compare trains two models one after the other in one process: run it without torchrun")
     outs = {m: os.path.join(args.out, m) for m in ("baseline", "shortcut")}

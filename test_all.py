@@ -494,8 +494,8 @@ def test_unet_zero_at_init_but_trainable():
 
 def test_unet_generator_init_depends_on_z():
     # DDGAN's G (zero_init=False, Xavier-initialised z mapping and style layers as the official code): the output
-    # varies with z from step 0 by a good fraction of how it varies with x_t (PyTorch's default Linear init gave
-    # ~2%: a z-blind G); the denoiser default (zero_init=True) still starts at exactly 0
+    # varies with z from step 0 by a good fraction of how it varies with x_t (with PyTorch's default Linear init it
+    # is ~2%: a z-blind G); the denoiser default (zero_init=True) still starts at exactly 0
     torch.manual_seed(0)
     g = unet.UNet(in_ch=1, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, image_size=16, dropout=0.0, z_dim=100,
                   out_act="tanh", zero_init=False)
@@ -801,8 +801,8 @@ def test_ddpm_image_folder_cifar(tmp_path, cifar_folder):
 
 
 def test_ddpm_version1_checkpoint_linear_means_vp(tmp_path):
-    """A checkpoint written before "vp" had its name (no "version" key) called the VP curve "linear": loading it
-    (to sample or to resume) reads vp, so its samples do not change; a new checkpoint's "linear" stays linear."""
+    """A version-1 checkpoint (no "version" key) names the VP curve "linear": loading it (to sample or to resume)
+    reads vp, so it samples the curve it was trained on; a version-2 checkpoint's "linear" stays linear."""
     out = tmp_path / "new"
     ddpm.main(["--data", "25gaussians", "--steps", "2", "--batch-size", "16", "--hidden", "16", "--layers", "1",
                "--T", "10", "--n-samples", "20", "--out", str(out)])
@@ -1328,7 +1328,7 @@ def test_shortcut_fidelity_loss_alone_trains_every_network_parameter(fidelity, r
     fid = model(x0, dict(CFG, fidelity=fidelity, renoise=renoise), True)[3]
     assert torch.isfinite(fid) and fid > 0
     fid.backward()
-    for name, p in model.net.named_parameters():                          # the public code's fid reached no weight
+    for name, p in model.net.named_parameters():                          # the fidelity term reaches every weight
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert model.b.grad is None and model.w.grad is None                # schedule detached inside the chain
 

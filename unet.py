@@ -308,7 +308,7 @@ class SmallDiscriminator(nn.Module):
     by LeakyReLU(0.2), then a linear head on the flattened features. t enters twice, both zero-initialised so that
     a fresh D is a plain image D: as a per-channel bias after the first conv, and as a projection term
     <e(t), sum-pooled features> (Miyato & Koyama 2018). Unlike the paper's D it adds no time embedding deep in the
-    network, where on 16x16 digits it was as large as the image signal, and it has no minibatch-std feature.
+    network, where on 16x16 digits it is as large as the image signal, and it has no minibatch-std feature.
     """
 
     def __init__(self, in_ch=2, ch=32, image_size=16, temb_dim=128):
