@@ -1035,11 +1035,15 @@ def progress(done, total, t0, what="samples", every=5.0, _last={}):
     """A sampler's progress line every `every` seconds (done of total, per second, ETA); nothing for short runs.
     t0 is when this run of the loop began; the first line comes `every` seconds after it."""
     now = time.time()
-    if done < total and now - max(_last.get(what, t0), t0) > every:      # max: a line of an earlier run is no start
+    run_t0, last = _last.get(what, (None, None))
+    if run_t0 != t0:                                       # a new run of the loop: its clock starts at t0
+        last = t0
+    if done < total and now - last > every:
         rate = done / max(now - t0, 1e-9)
         print(f"  sampling: {done}/{total} {what} | {rate:.3g}/s | eta {int((total - done) / max(rate, 1e-9))}s",
               flush=True)
-        _last[what] = now
+        last = now
+    _last[what] = (t0, last)
 
 
 # ---- samples, scores and metrics -----------------------------------------------------------------------------
