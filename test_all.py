@@ -1718,6 +1718,21 @@ RESUME_FLAGS = {  # constant lr; images with flips and dropout for ddpm, so data
 }
 
 
+MODULES = {"ddpm": ddpm, "vdm": vdm, "ddgan": ddgan, "shortcut_mcmc": sm}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_plumbing_python_load_and_generate(script, trained):
+    """The README's Python use: model, cfg = m.load(ckpt); x = m.generate(model, cfg, n, seed): EMA weights in eval
+    mode, the run's settings, n images in [-1, 1] of the run's shape, the same for the same seed, not for another."""
+    mod = MODULES[script]
+    model, cfg = mod.load(str(trained / script / "ckpt.pt"))
+    assert not model.training and cfg["step"] == 2 and cfg["image_size"] == 8
+    x, again, other = (mod.generate(model, cfg, n=3, seed=s) for s in (0, 0, 1))
+    assert x.shape == (3, cfg["channels"], 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+    assert torch.equal(x, again) and not torch.equal(x, other)
+
+
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_plumbing_resume_is_bit_exact(script, tmp_path, tiny_folder):
     """train to 6 == train to 3, stop, --resume to 6: every parameter and EMA weight identical (max |diff| = 0)."""

@@ -18,7 +18,7 @@ A "real data" row scores n real samples the same way (training images against th
 points): the Frechet or energy floor, and the legibility and coverage a perfect sampler reaches with n samples.
 Training budget: the same number of steps for every method (a DDGAN step is one D and one G update).
 
-Run:   python trilemma.py --quick                         # glyphs, all four methods, < 30 min on a 2-core CPU
+Run:   python trilemma.py --quick                         # glyphs-mono, all four methods, < 30 min on 2 cores
        python trilemma.py --quick --data 25gaussians      # DDPM and DDGAN (VDM and shortcut need 8-bit data)
        python trilemma.py --data cifar10 --classes airplane --data-dir ../shared/data --device cuda
        python trilemma.py --reuse                         # sample and score the existing checkpoints again
@@ -240,8 +240,8 @@ def picture(a, rows, ref, path):
 def get_parser():
     p = argparse.ArgumentParser(description="Train and sample DDPM, VDM, DDGAN and shortcut MCMC on the same data; "
                                 "one table of speed, quality and coverage.", allow_abbrev=False)
-    p.add_argument("--data", default="glyphs", help="glyphs | 25gaussians | swirl | cifar10 | stackedmnist | mnist | "
-                   "path to an image folder")
+    p.add_argument("--data", default="glyphs-mono", help="glyphs-mono (default: one-channel digits) | glyphs (colour) "
+                   "| 25gaussians | swirl | cifar10 | stackedmnist | mnist | path to an image folder")
     p.add_argument("--data-dir", default="./data", help="where cifar10 (a torchvision copy or cifar10-jpeg.tar.gz) "
                    "and MNIST are, e.g. ../shared/data")
     p.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices), e.g. airplane")
