@@ -1099,13 +1099,14 @@ def score(a, x, labels=None):
 
 
 def fd_scores(a, x):
-    """'fd': the Frechet distance of samples x to the real test split in the classifier's features (the classifier
-    of every class, as trilemma.py); 'fd_floor': the same for as many real training images (seeded), which is
-    what a perfect sampler would score with this many samples."""
+    """'fd': the Frechet distance of samples x to the real test split in the features of the classifier that
+    score_images uses (the run's classes); 'fd_floor': the same for as many real training images (seeded), which
+    is what a perfect sampler would score with this many samples."""
     test = to_float(load(a["data"], "test", a["image_size"], a["data_dir"], a["classes"], a["seed"])[0])
     train = load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])[0]
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(a["seed"]))[:len(x)]
-    feat = functools.partial(features, name=a["data"], image_size=a["image_size"], data_dir=a["data_dir"])
+    feat = functools.partial(features, name=a["data"], image_size=a["image_size"], data_dir=a["data_dir"],
+                             classes=a["classes"])
     ref = feat(test)
     return {"fd": frechet(feat(x), ref), "fd_floor": frechet(feat(to_float(train[pick])), ref)}
 

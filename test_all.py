@@ -426,9 +426,9 @@ def test_data_classifier_accuracy_and_features(tmp_path, monkeypatch):
 
 def test_data_fd_scores_real_near_floor_noise_far():
     """fd of real held-out images is near fd_floor; smooth noise is far above it."""
-    a = dict(data="glyphs-mono", image_size=8, data_dir="./data", classes=None, seed=0)
-    real = data.to_float(data.load("glyphs-mono", "test", 8, "./data", None, 0)[0][:200])
-    noise = torch.nn.functional.avg_pool2d(torch.rand(200, 1, 8, 8) * 2 - 1, 3, 1, 1)
+    a = dict(data="glyphs", image_size=8, data_dir="./data", classes=["0", "1"], seed=0)
+    real = data.to_float(data.load("glyphs", "test", 8, "./data", ["0", "1"], 0)[0][:200])
+    noise = torch.nn.functional.avg_pool2d(torch.rand(200, 3, 8, 8) * 2 - 1, 3, 1, 1)
     r, n = data.fd_scores(a, real), data.fd_scores(a, noise)
     assert r["fd_floor"] == n["fd_floor"] and r["fd_floor"] > 0
     assert r["fd"] < 2 * r["fd_floor"] and n["fd"] > 10 * r["fd_floor"]
