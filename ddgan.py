@@ -17,12 +17,9 @@ stops learning. The paper's setting is one set of flags away:
        --disc paper --loss softplus --d-steps 1 --no-share-fake --lr-g 1.6e-4 --lr-d 1.25e-4 --lr-schedule cosine
        --r1-gamma 0.02 --lazy-reg 15 --ch 128 --ch-mult 1 2 2 2 --num-res-blocks 2 --attn-res 16
 
-Run:   python ddgan.py                                  # glyphs-mono 16x16, T=4, CPU-sized nets
-       python ddgan.py --T 8                            # the same with 8 denoising steps
+Run:   python ddgan.py [--T 8] [--no-z]                 # glyphs-mono 16x16, T=4 (or 8; --no-z: the paper's ablation)
        python ddgan.py --data 25gaussians               # 2-D mixture, 3-layer 256-wide MLPs for G and D, ~9 min
-       python ddgan.py --no-z                           # the paper's ablation: a unimodal (z-free) denoiser
        python ddgan.py --sample-only --out runs/ddgan --save-npz
-
 Python: G, cfg = ddgan.load("runs/ddgan/ckpt.pt"); x = ddgan.generate(G, cfg, n=64, seed=0)
 
 t convention: t runs over {1..T}; beta[t - 1] is beta_t and alpha_bar[t - 1] is alpha_bar_t. The betas come
@@ -148,8 +145,7 @@ def d_step(disc, D, opt_d, pair, r1_gamma=0.0, clip=0.0, loss_kind="softplus"):
     term is not scaled by the lazy interval (StyleGAN2 scales it), so the paper's gamma values mean the same here."""
     t, x_prev, x_t, fake_prev = pair
     x_prev = x_prev.detach().requires_grad_(r1_gamma > 0)
-    real_logits = disc(x_prev, x_t, t)
-    fake_logits = disc(fake_prev.detach(), x_t, t)
+    real_logits, fake_logits = disc(x_prev, x_t, t), disc(fake_prev.detach(), x_t, t)   # G is held fixed
     loss = d_loss(real_logits, fake_logits, loss_kind)
     r1 = r1_penalty(real_logits, x_prev) if r1_gamma > 0 else torch.zeros((), device=x_t.device)
     opt_d.zero_grad(set_to_none=True)
@@ -284,8 +280,7 @@ def train(args):
             keep = args.share_fake and k == args.d_steps - 1     # --share-fake: the G step reuses this draw
             with torch.set_grad_enabled(keep):
                 pair = draw(gen, sched, x0, nz)
-            s, norm_d = d_step(disc, D, opt_d, pair, args.r1_gamma if reg and k == 0 else 0.0, args.grad_clip,
-                               args.loss)
+            s, norm_d = d_step(disc, D, opt_d, pair, args.r1_gamma * (reg and k == 0), args.grad_clip, args.loss)
         if not args.share_fake:                                  # the paper: a fresh t, pair and z for G
             pair = draw(gen, sched, x0, nz)
         s["g"], norm_g = g_step(disc, G, D, opt_g, pair, args.grad_clip, args.loss)
@@ -368,9 +363,8 @@ def get_parser():
                    "D alive in a short run)")
     d.add_argument("--d-steps", type=int, default=None, help="D updates per G update (the paper's 1; default 2 for "
                    "images, a deviation)")
-    d.add_argument("--share-fake", action=argparse.BooleanOptionalAction, default=None, help="the G step reuses "
-                   "the last D step's t, pair and fake (one G forward per iteration fewer, ~1.2x faster on a CPU; default "
-                   "for images, a deviation); --no-share-fake draws fresh ones for G as the paper does")
+    d.add_argument("--share-fake", action=argparse.BooleanOptionalAction, default=None, help="G reuses the last D "
+                   "step's draw (1.2x faster; default for images, a deviation); --no-share-fake: a fresh one (the paper)")
     d.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma (default: 0 images, 0.04 2-D; the "
                    "paper's CIFAR-10 0.02)")
     d.add_argument("--lazy-reg", type=int, default=None, help="apply R1 every this many steps (0: never; default "
