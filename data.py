@@ -1129,9 +1129,25 @@ def sample_out(args, path, default_out):
     return os.path.dirname(path) or "." if args.ckpt and args.out == default_out else args.out
 
 
+def peak_memory_mb():
+    """The process's peak memory so far, in MiB: where CUDA ran, the most its tensors held (max_memory_allocated),
+    elsewhere the peak resident set of the whole process (the interpreter, torch and the data included). So for
+    --sample-only, which loads a model and samples, it is the memory sampling needed; None where unknown."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    try:
+        import resource                                          # POSIX only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss    # KiB on Linux, bytes on macOS
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+
+
 def write_outputs(a, method, x, info, out, log, extra, real=None, tag="", save_npz_too=False, labels=None, nrow=None):
     """The end of a run or of --sample-only: samples{_tag}.png, optionally samples{_tag}.npz, and
-    metrics{_tag}.json with the scores. info: generate()'s sampler, nfe and sec_per_100."""
+    metrics{_tag}.json with the scores. info: generate()'s sampler, nfe and sec_per_100. peak_mem_mb is
+    measured here, after sampling and before scoring (peak_memory_mb)."""
+    extra = dict(extra, peak_mem_mb=peak_memory_mb())
     suffix = f"_{tag}" if tag else ""
     os.makedirs(out, exist_ok=True)
     save_samples(a, x, os.path.join(out, f"samples{suffix}.png"), real, nrow)

@@ -55,10 +55,23 @@ SETTINGS = {
     "quick": {"image": dict(steps=1000, n_samples=200), "2d": dict(steps=10000, n_samples=2500)},
     "full": {"image": dict(steps=20000, n_samples=5000), "2d": dict(steps=20000, n_samples=10000)},
 }
+SWEEP_SAMPLES = 200                                             # samples per --sweep row
 PASS = ("batch_size", "ch", "ch_mult", "num_res_blocks", "hidden", "layers")   # model flags handed to every script
 # Training flags that follow the budget: shortcut MCMC adds its fidelity loss after a diffusion-only warm-up, half
 # of its default budget (1500 of 3000 image steps), so it keeps that proportion of any budget.
 TRAIN_EXTRA = {"shortcut": lambda steps: ["--fid-start", str(steps // 2)]}
+
+
+# The report's sweeps (--sweep NAME): one model per setting, each trained with its script's own defaults (budget,
+# network, lr), sampled and scored like the table's rows. A row: (label, script, training flags, --sample-only
+# flags); the rows that share a script and training flags read one model, in OUT/<training flags>/.
+SWEEPS = {
+    "ddpm-T": [(f"linear T={T}", "ddpm.py", ["--schedule", "linear", "--T", str(T)], []) for T in (20, 100)]
+    + [(f"vp T={T}", "ddpm.py", ["--T", str(T)], []) for T in (20, 50, 100, 500, 1000, 2000)]
+    + [(f"vp T=1000, DDIM S={S}", "ddpm.py", ["--T", "1000"], ["--sample-steps", str(S)]) for S in (20, 50, 100)],
+    "vdm-T": [(f"discrete T={T}", "vdm.py", ["--T", str(T)], []) for T in (10, 100, 1000)]
+    + [("continuous, sampled on 1000 steps", "vdm.py", [], [])],
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,53 +108,60 @@ def method_flags(a):
     return [str(f) for f in flags]
 
 
-def train(a, method, out):
-    """Train one method into out/ with the shared budget (or reuse out/ckpt.pt); returns None or why it failed."""
-    script, _ = METHODS[method]
+def train(a, name, script, out, flags):
+    """Train `script` into out/ with the shared flags and `flags` (or reuse out/ckpt.pt); returns None or why it
+    failed."""
     ckpt = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt):                                     # main() made sure --reuse was given
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         differ = [k for k in ("data", "image_size", "classes") if saved["args"].get(k) != getattr(a, k)]
         if differ:                                               # the samples would not match the scores' data
             return f"not reused: {ckpt} has other {', '.join(differ)} than asked for"
-        print(f"[{method}] reusing {ckpt} (step {saved['step']})", flush=True)
+        print(f"[{name}] reusing {ckpt} (step {saved['step']})", flush=True)
         return None
-    # --sample-every 0 and 4 end-of-training samples: the samples that are scored come from sample()
-    cmd = [sys.executable, os.path.join(HERE, script), *method_flags(a), "--steps", str(a.steps),
-           "--sample-every", "0", "--n-samples", str(min(4, a.n_samples)), "--out", out,
-           *TRAIN_EXTRA.get(method, lambda steps: [])(a.steps)]
+    # --sample-every 0 and 4 end-of-training samples: the samples that are scored come from sample_one()
+    cmd = [sys.executable, os.path.join(HERE, script), *method_flags(a), "--sample-every", "0",
+           "--n-samples", str(min(4, a.n_samples)), "--out", out, *flags]
     t0 = time.time()
-    code, last = run(cmd, f"[{method}]")
-    print(f"[{method}] training took {time.time() - t0:.0f} s", flush=True)
+    code, last = run(cmd, f"[{name}]")
+    print(f"[{name}] training took {time.time() - t0:.0f} s", flush=True)
     if code == 2:                                                # an argparse error: the script refuses this data
         return f"not run: {last}"
     return None if code == 0 else f"training failed (exit {code}): {last}"
 
 
+def sample_one(a, name, script, out, tag, extra):
+    """One --sample-only run of out/ckpt.pt with --save-npz into out/eval_<tag>/; returns (samples, metrics dict)
+    or why it failed."""
+    folder = os.path.join(out, f"eval_{tag}")
+    shutil.rmtree(folder, ignore_errors=True)                    # only this sampler's fresh files are read below
+    cmd = [sys.executable, os.path.join(HERE, script), "--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"),
+           "--out", folder, "--n-samples", str(a.n_samples), "--save-npz", "--seed", str(a.seed),
+           "--device", a.device, "--data-dir", a.data_dir, *extra]
+    code, last = run(cmd, f"[{name} {tag}]")
+    files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    npz = [f for f in files if f.startswith("samples_") and f.endswith(".npz")]
+    js = [f for f in files if f.startswith("metrics") and f.endswith(".json")]
+    if code != 0 or len(npz) != 1 or len(js) != 1:
+        return f"{name} {tag}: sampling failed (exit {code}): {last}"
+    with open(os.path.join(folder, js[0])) as f:
+        metrics = json.load(f)
+    x = torch.from_numpy(np.load(os.path.join(folder, npz[0]))["arr_0"])
+    if x.dtype == torch.uint8:                                   # images: uint8 NHWC -> float NCHW in [-1, 1]
+        x = data.to_float(x.permute(0, 3, 1, 2))
+    return x.float(), metrics
+
+
 def sample(a, method, out):
-    """Sample each of the method's samplers from out/ckpt.pt with --save-npz into out/eval_<sampler>/; returns a list
-    of (sampler tag, samples, metrics dict) and a list of failures."""
+    """Each of the method's samplers from out/ckpt.pt: a list of (sampler tag, samples, metrics) and of failures."""
     script, samplers = METHODS[method]
     rows, failed = [], []
     for tag, extra in samplers:
-        folder = os.path.join(out, f"eval_{tag}")
-        shutil.rmtree(folder, ignore_errors=True)                # only this sampler's fresh files are read below
-        cmd = [sys.executable, os.path.join(HERE, script), "--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"),
-               "--out", folder, "--n-samples", str(a.n_samples), "--save-npz", "--seed", str(a.seed),
-               "--device", a.device, "--data-dir", a.data_dir, *extra]
-        code, last = run(cmd, f"[{method} {tag}]")
-        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        npz = [f for f in files if f.startswith("samples_") and f.endswith(".npz")]
-        js = [f for f in files if f.startswith("metrics") and f.endswith(".json")]
-        if code != 0 or len(npz) != 1 or len(js) != 1:
-            failed.append(f"{method} {tag}: sampling failed (exit {code}): {last}")
-            continue
-        with open(os.path.join(folder, js[0])) as f:
-            metrics = json.load(f)
-        x = torch.from_numpy(np.load(os.path.join(folder, npz[0]))["arr_0"])
-        if x.dtype == torch.uint8:                               # images: uint8 NHWC -> float NCHW in [-1, 1]
-            x = data.to_float(x.permute(0, 3, 1, 2))
-        rows.append((tag, x.float(), metrics))
+        got = sample_one(a, method, script, out, tag, extra)
+        if isinstance(got, str):
+            failed.append(got)
+        else:
+            rows.append((tag, *got))
     return rows, failed
 
 
@@ -236,6 +256,76 @@ def picture(a, rows, ref, path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# --sweep: a row per setting of one method
+def flags_name(flags):
+    """A folder name for a list of flags: ["--T", "20"] -> "T-20", [] -> "defaults"."""
+    return "-".join(f.lstrip("-") for f in flags) or "defaults"
+
+
+def sweep(a):
+    """Train (or reuse) each setting's model and sample it: a list of (label, samples, metrics) and of failures.
+    A model's test bits/dim (VDM) are copied from its training metrics into the row's."""
+    rows, notes, trained = [], [], {}
+    for label, script, train_flags, sample_flags in SWEEPS[a.sweep]:
+        out = os.path.join(a.out, flags_name(train_flags))
+        if out not in trained:
+            trained[out] = train(a, label, script, out, train_flags + (["--steps", str(a.steps)] if a.steps else []))
+        if trained[out]:
+            notes.append(f"{label}: {trained[out]}")
+            continue
+        got = sample_one(a, label, script, out, flags_name(sample_flags), sample_flags)
+        if isinstance(got, str):
+            notes.append(got)
+            continue
+        with open(os.path.join(out, "metrics.json")) as f:
+            bound = {k: v for k, v in json.load(f).items() if k.startswith("test_")}
+        rows.append((label, got[0], dict(got[1], **bound)))
+    return rows, notes
+
+
+def sweep_table(a, rows, ref, notes):
+    """The sweep's markdown table: setting, NFE, s/100, peak memory while sampling, quality, coverage (and the test
+    bits/dim where the models report them)."""
+    bound = any("test_bpd" in m for _, _, m, _ in rows)
+    head = "| setting | NFE | s / 100 samples | peak memory (MiB) | quality | coverage |" + \
+        (" test bits/dim (recon, prior, diff) |" if bound else "")
+    budget = f"{a.steps} training steps" if a.steps else "each script's default training budget"
+    lines = [f"`python trilemma.py {' '.join(a.argv)}`: {a.data} {a.image_size}x{a.image_size}, {budget}, "
+             f"{a.n_samples} samples per row, device {device(a.device)}.", "",
+             head, "|---" * (head.count("|") - 1) + "|"]
+    for label, _, m, s in rows:
+        quality, coverage = cells(a, s)
+        mem = "-" if m.get("peak_mem_mb") is None else f"{m['peak_mem_mb']:.0f}"
+        lines.append(f"| {label} | {m['nfe']} | {m['sec_per_100']:.3g} | {mem} | {quality} | {coverage} |" +
+                     (f" {m['test_bpd']:.3f} ({m['test_recon']:.3f}, {m['test_prior']:.4f}, {m['test_diff']:.3f}) |"
+                      if "test_bpd" in m else " - |" if bound else ""))
+    quality, coverage = cells(a, ref["row"], real=True)
+    lines.append(f"| real data (train vs test) | - | - | - | {quality} | {coverage} |" + (" - |" if bound else ""))
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def sweep_picture(rows, ref, path, n=12):
+    """One PNG: a row of n samples per setting under the real images, each row labelled on its left."""
+    labels, sets = ["real data"] + [label for label, _, _, _ in rows], [ref["real"]] + [x for _, x, _, _ in rows]
+    strips = []
+    for k, x in enumerate(sets):
+        tmp = f"{path}.{k}.strip.png"
+        data.save_grid(x[:n], tmp, nrow=n)
+        strips.append(Image.open(tmp).convert("RGB"))
+        os.remove(tmp)
+    left, gap = 230, 4
+    canvas = Image.new("RGB", (left + max(p.width for p in strips), sum(p.height + gap for p in strips)),
+                       (255, 255, 255))
+    draw, font, top = ImageDraw.Draw(canvas), ImageFont.load_default(size=15), 0
+    for p, label in zip(strips, labels):
+        canvas.paste(p, (left, top))
+        draw.text((4, top + p.height // 2 - 8), label, fill=(0, 0, 0), font=font)
+        top += p.height + gap
+    canvas.save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 def get_parser():
     p = argparse.ArgumentParser(description="Train and sample DDPM, VDM, DDGAN and shortcut MCMC on the same data; "
@@ -259,8 +349,11 @@ def get_parser():
                    "script's)")
     p.add_argument("--hidden", type=int, default=None, help="2-D MLP width (default: each script's)")
     p.add_argument("--layers", type=int, default=None, help="2-D MLP hidden layers (default: each script's)")
-    p.add_argument("--out", default="runs/trilemma", help="folder for the method runs, table.md, results.json, "
-                   "trilemma.png")
+    p.add_argument("--sweep", choices=list(SWEEPS), default=None, help="instead of the four methods, one method "
+                   "over a row of settings, each with its script's default training budget: ddpm-T (DDPM's T and "
+                   "schedule, DDIM), vdm-T (VDM's number of steps); writes sweep.png")
+    p.add_argument("--out", default=None, help="folder for the runs, table.md, results.json and the picture "
+                   "(default runs/trilemma, with --sweep runs/<sweep>)")
     p.add_argument("--reuse", action="store_true", help="reuse OUT/<method>/ckpt.pt where it exists (train the rest)")
     p.add_argument("--seed", type=int, default=0, help="random seed of training and sampling")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where every method runs")
@@ -272,21 +365,30 @@ def main(argv=None):
     a = parser.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     setting = SETTINGS["quick" if a.quick else "full"]["2d" if data.is_2d(a.data) else "image"]
-    a.steps = setting["steps"] if a.steps is None else a.steps
+    if a.sweep:                                                  # each script's own budget unless --steps is given
+        a.out = a.out or os.path.join("runs", a.sweep)
+        a.n_samples = a.n_samples or SWEEP_SAMPLES
+    a.out = a.out or "runs/trilemma"
+    a.steps = setting["steps"] if a.steps is None and not a.sweep else a.steps
     if a.n_samples is None:
         a.n_samples = 1024 if a.data == "swirl" else setting["n_samples"]     # swirl: all 1024 held-out points
-    if a.steps < 1 or a.n_samples < 2:
+    if (a.steps is not None and a.steps < 1) or a.n_samples < 2:
         parser.error("--steps must be at least 1 and --n-samples at least 2")
+    if a.sweep and data.is_2d(a.data):
+        parser.error("--sweep runs on images: choose an image --data")
     try:                                                         # bad data flags fail here, before any training
         data.load(a.data, "train", a.image_size, a.data_dir, a.classes, a.seed)
     except ValueError as e:
         parser.error(str(e))
-    exists = [m for m in a.methods if os.path.exists(os.path.join(a.out, m, "ckpt.pt"))]
+    runs = sorted({flags_name(r[2]) for r in SWEEPS[a.sweep]}) if a.sweep else a.methods
+    exists = [m for m in runs if os.path.exists(os.path.join(a.out, m, "ckpt.pt"))]
     if exists and not a.reuse:
         parser.error(f"{a.out} holds checkpoints of {', '.join(exists)}: pass --reuse to sample them again, "
                      "or choose another --out")
     os.makedirs(a.out, exist_ok=True)
     torch.set_flush_denormal(True)
+    if a.sweep:
+        return main_sweep(a)
     print(f"trilemma | data {a.data} | methods {' '.join(a.methods)} | {a.steps} steps each | {a.n_samples} samples "
           f"per sampler | device {device(a.device)} | out {a.out}", flush=True)
 
@@ -297,7 +399,8 @@ def main(argv=None):
             notes.append(f"{method}: {METHODS[method][0]} is missing next to trilemma.py: skipped")
             print(notes[-1], flush=True)
             continue
-        why = train(a, method, out)
+        why = train(a, method, METHODS[method][0], out,
+                    ["--steps", str(a.steps), *TRAIN_EXTRA.get(method, lambda steps: [])(a.steps)])
         if why:
             notes.append(f"{method}: {why}")
             print(notes[-1], flush=True)
@@ -319,6 +422,28 @@ def main(argv=None):
         json.dump(results, f, indent=1)
     picture(a, rows, ref, os.path.join(a.out, "trilemma.png"))
     print(f"wrote {os.path.join(a.out, 'table.md')}, results.json and trilemma.png", flush=True)
+    return 1 if notes and not rows else 0
+
+
+def main_sweep(a):
+    """--sweep: train and sample each setting, score every row against the same real data, write the outputs."""
+    print(f"trilemma --sweep {a.sweep} | data {a.data} | {len(SWEEPS[a.sweep])} rows | {a.n_samples} samples per "
+          f"row | device {device(a.device)} | out {a.out}", flush=True)
+    rows, notes = sweep(a)
+    ref = reference(a, a.n_samples)
+    rows = [(label, x, m, score(a, x, ref)) for label, x, m in rows]
+    md = sweep_table(a, rows, ref, notes)
+    print("\n" + md, flush=True)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(md)
+    results = dict(args=vars(a), real=ref["row"], notes=notes,
+                   rows=[{"setting": label, **{k: v for k, v in m.items() if isinstance(v, (int, float, str))}, **s}
+                         for label, _, m, s in rows])          # the scores of the sweep replace the script's own
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if rows:
+        sweep_picture(rows, ref, os.path.join(a.out, "sweep.png"))
+    print(f"wrote {os.path.join(a.out, 'table.md')}, results.json and sweep.png", flush=True)
     return 1 if notes and not rows else 0
 
 
