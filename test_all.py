@@ -1530,6 +1530,33 @@ def test_trilemma_table_end_to_end(tmp_path, capsys, monkeypatch):
     assert "reusing" in printed and "training took" not in printed
 
 
+def test_trilemma_sweep_rows_share_models(tmp_path, monkeypatch):
+    """--sweep: a row per setting, rows with the same training flags read one model, peak memory is measured,
+    the picture has a strip per row under the real one, a second run needs --reuse, 2-D data is refused."""
+    monkeypatch.setitem(trilemma.SWEEPS, "ddpm-T", [
+        ("linear T=5", "ddpm.py", ["--schedule", "linear", "--T", "5"], []),
+        ("vp T=6", "ddpm.py", ["--T", "6"], []),
+        ("vp T=6, DDIM S=2", "ddpm.py", ["--T", "6"], ["--sample-steps", "2"])])
+    out = tmp_path / "sweep"
+    argv = ["--sweep", "ddpm-T", "--steps", "2", "--ch", "8", "--ch-mult", "1", "--num-res-blocks", "1",
+            "--image-size", "8", "--batch-size", "8", "--n-samples", "10", "--out", str(out), "--device", "cpu"]
+    assert trilemma.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["T-6", "schedule-linear-T-5"]   # 2 models, 3 rows
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["setting"], r["nfe"]) for r in res["rows"]] == [("linear T=5", 5), ("vp T=6", 6), ("vp T=6, DDIM S=2", 2)]
+    assert all(r["peak_mem_mb"] > 0 and r["sec_per_100"] > 0 and "fd" in r and "legible" in r for r in res["rows"])
+    md = (out / "table.md").read_text()
+    assert "| setting | NFE | s / 100 samples | peak memory (MiB) | quality | coverage |" in md and "floor" in md
+    strip = 8 * 4 + 2 * 4                                                # one row of 8x8 images, x4, 1-px borders
+    assert np.asarray(Image.open(out / "sweep.png")).shape[0] == 4 * (strip + 4)     # real + 3 rows
+    with pytest.raises(SystemExit) as e:                                 # the models exist: --reuse or another --out
+        trilemma.main(argv)
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        trilemma.main(["--sweep", "ddpm-T", "--data", "swirl", "--out", str(tmp_path / "2d")])
+    assert e.value.code == 2 and not (tmp_path / "2d").exists()
+
+
 def test_trilemma_bad_flags_exit_2(tmp_path):
     for argv in (["--data", "imagenet"], ["--data", "glyphs", "--classes", "cat"], ["--steps", "0"],
                  ["--methods", "gan"]):
