@@ -55,7 +55,7 @@ SETTINGS = {
     "quick": {"image": dict(steps=1000, n_samples=200), "2d": dict(steps=10000, n_samples=2500)},
     "full": {"image": dict(steps=20000, n_samples=5000), "2d": dict(steps=20000, n_samples=10000)},
 }
-SWEEP_SAMPLES = 200                                             # samples per --sweep row
+SWEEP_SAMPLES = 100                                             # samples per --sweep row (as the README rows)
 PASS = ("batch_size", "ch", "ch_mult", "num_res_blocks", "hidden", "layers")   # model flags handed to every script
 # Training flags that follow the budget: shortcut MCMC adds its fidelity loss after a diffusion-only warm-up, half
 # of its default budget (1500 of 3000 image steps), so it keeps that proportion of any budget.
