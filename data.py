@@ -1130,11 +1130,14 @@ def sample_out(args, path, default_out):
 
 
 def peak_memory_mb():
-    """The process's peak memory so far, in MiB: where CUDA ran, the most its tensors held (max_memory_allocated),
-    elsewhere the peak resident set of the whole process (the interpreter, torch and the data included). So for
-    --sample-only, which loads a model and samples, it is the memory sampling needed; None where unknown."""
+    """The process's peak memory so far, in MiB: where CUDA ran, the most its tensors held (max_memory_allocated,
+    without the CUDA context and cache); on the CPU the peak resident set of the whole process (Python, torch, the
+    data and checkpoint included). For --sample-only, which only loads a checkpoint and samples, that is what
+    sampling needed; after training, the training peak. None where unknown (Apple mps, Windows)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    if torch.backends.mps.is_available():                        # its GPU memory is not in the resident set
+        return None
     try:
         import resource                                          # POSIX only
     except ImportError:
@@ -1146,7 +1149,7 @@ def peak_memory_mb():
 def write_outputs(a, method, x, info, out, log, extra, real=None, tag="", save_npz_too=False, labels=None, nrow=None):
     """The end of a run or of --sample-only: samples{_tag}.png, optionally samples{_tag}.npz, and
     metrics{_tag}.json with the scores. info: generate()'s sampler, nfe and sec_per_100. peak_mem_mb is
-    measured here, after sampling and before scoring (peak_memory_mb)."""
+    measured here, after sampling and before scoring (peak_memory_mb: after training it includes training)."""
     extra = dict(extra, peak_mem_mb=peak_memory_mb())
     suffix = f"_{tag}" if tag else ""
     os.makedirs(out, exist_ok=True)

@@ -1530,9 +1530,18 @@ def test_trilemma_table_end_to_end(tmp_path, capsys, monkeypatch):
     assert "reusing" in printed and "training took" not in printed
 
 
-def test_trilemma_sweep_rows_share_models(tmp_path, monkeypatch):
-    """--sweep: a row per setting, rows with the same training flags read one model, peak memory is measured,
-    the picture has a strip per row under the real one, a second run needs --reuse, 2-D data is refused."""
+def test_trilemma_sweep_rows_parse():
+    """Every --sweep row's flags are flags its script accepts, for training and for --sample-only."""
+    scripts = {"ddpm.py": ddpm, "vdm.py": vdm}
+    for rows in trilemma.SWEEPS.values():
+        for label, script, train_flags, sample_flags in rows:
+            scripts[script].get_parser().parse_args(train_flags)
+            scripts[script].get_parser().parse_args(["--sample-only", *sample_flags])
+
+
+def test_trilemma_sweep_rows_share_models(tmp_path, monkeypatch, capsys):
+    """--sweep: a row per setting, rows with the same training flags read one model, the picture has a strip per
+    row under the real one; a second run needs --reuse, which reuses only the models this command would train."""
     monkeypatch.setitem(trilemma.SWEEPS, "ddpm-T", [
         ("linear T=5", "ddpm.py", ["--schedule", "linear", "--T", "5"], []),
         ("vp T=6", "ddpm.py", ["--T", "6"], []),
@@ -1543,18 +1552,28 @@ def test_trilemma_sweep_rows_share_models(tmp_path, monkeypatch):
     assert trilemma.main(argv) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["T-6", "schedule-linear-T-5"]   # 2 models, 3 rows
     res = json.loads((out / "results.json").read_text())
-    assert [(r["setting"], r["nfe"]) for r in res["rows"]] == [("linear T=5", 5), ("vp T=6", 6), ("vp T=6, DDIM S=2", 2)]
+    assert [(r["setting"], r["nfe"], r["step"]) for r in res["rows"]] == [("linear T=5", 5, 2), ("vp T=6", 6, 2),
+                                                                         ("vp T=6, DDIM S=2", 2, 2)]
     assert all(r["peak_mem_mb"] > 0 and r["sec_per_100"] > 0 and "fd" in r and "legible" in r for r in res["rows"])
     md = (out / "table.md").read_text()
-    assert "| setting | NFE | s / 100 samples | peak memory (MiB) | quality | coverage |" in md and "floor" in md
+    assert "| setting | steps | NFE | s / 100 samples | peak memory (MiB) | quality | coverage |" in md
+    assert "| vp T=6, DDIM S=2 | 2 | 2 |" in md and "floor" in md
     strip = 8 * 4 + 2 * 4                                                # one row of 8x8 images, x4, 1-px borders
     assert np.asarray(Image.open(out / "sweep.png")).shape[0] == 4 * (strip + 4)     # real + 3 rows
     with pytest.raises(SystemExit) as e:                                 # the models exist: --reuse or another --out
         trilemma.main(argv)
     assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        trilemma.main(["--sweep", "ddpm-T", "--data", "swirl", "--out", str(tmp_path / "2d")])
-    assert e.value.code == 2 and not (tmp_path / "2d").exists()
+    capsys.readouterr()
+    monkeypatch.setitem(trilemma.SWEEPS, "ddpm-T", trilemma.SWEEPS["ddpm-T"][1:2])
+    assert trilemma.main(argv + ["--reuse"]) == 0                       # the same flags: sampled again, not trained
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "training took" not in printed
+    assert trilemma.main([*argv, "--steps", "3", "--reuse"]) == 1       # other steps: refused, nothing trained
+    assert "not reused" in (out / "table.md").read_text() and "has other steps" in capsys.readouterr().out
+    for bad in (["--data", "swirl"], ["--quick"], ["--methods", "ddpm"]):
+        with pytest.raises(SystemExit) as e:
+            trilemma.main(["--sweep", "ddpm-T", *bad, "--out", str(tmp_path / "bad")])
+        assert e.value.code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_trilemma_bad_flags_exit_2(tmp_path):

@@ -22,9 +22,14 @@ Run:   python trilemma.py --quick                         # glyphs-mono, all fou
        python trilemma.py --quick --data 25gaussians      # DDPM and DDGAN (VDM and shortcut need 8-bit data)
        python trilemma.py --data cifar10 --classes airplane --data-dir ../shared/data --device cuda
        python trilemma.py --reuse                         # sample and score the existing checkpoints again
+       python trilemma.py --sweep ddpm-T                  # the report's DDPM sweep: T, schedule, DDIM (see SWEEPS)
+       python trilemma.py --sweep vdm-T                   # VDM discrete at T = 10, 100, 1000 and continuous
 
 Writes to --out (default runs/trilemma): <method>/ (each script's own run folder: ckpt.pt, log.txt, ...),
 <method>/eval_<sampler>/ (the --sample-only run: .npz, metrics), table.md, results.json and trilemma.png.
+--sweep NAME writes to runs/NAME: a folder per model, named after its training flags (e.g. T-20), table.md (a row
+per setting, with the peak memory of sampling and the steps trained), results.json and sweep.png (a row of samples
+per setting).
 """
 import argparse
 import json
@@ -114,9 +119,9 @@ def train(a, name, script, out, flags):
     ckpt = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt):                                     # main() made sure --reuse was given
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        differ = [k for k in ("data", "image_size", "classes") if saved["args"].get(k) != getattr(a, k)]
-        if differ:                                               # the samples would not match the scores' data
-            return f"not reused: {ckpt} has other {', '.join(differ)} than asked for"
+        why = reuse_mismatch(a, script, flags, saved)
+        if why:
+            return f"not reused: {ckpt} {why}"
         print(f"[{name}] reusing {ckpt} (step {saved['step']})", flush=True)
         return None
     # --sample-every 0 and 4 end-of-training samples: the samples that are scored come from sample_one()
@@ -128,6 +133,21 @@ def train(a, name, script, out, flags):
     if code == 2:                                                # an argparse error: the script refuses this data
         return f"not run: {last}"
     return None if code == 0 else f"training failed (exit {code}): {last}"
+
+
+def reuse_mismatch(a, script, flags, saved):
+    """Why a saved checkpoint is not the model these flags would train, or None: another script, other data, a
+    flag's value that differs (flags as "--name value" pairs), or a run that stopped before its last step."""
+    args = saved["args"]
+    if saved.get("method") != script[:-3]:
+        return f"is a {saved.get('method')} checkpoint, not {script}'s"
+    differ = [k for k in ("data", "image_size", "classes") if args.get(k) != getattr(a, k)]
+    differ += [f[2:] for f, v in zip(flags[::2], flags[1::2]) if str(args.get(f[2:].replace("-", "_"))) != v]
+    if differ:                                                   # the samples would not be this row's model
+        return f"has other {', '.join(differ)} than asked for"
+    if saved["step"] != args.get("steps"):
+        return f"stopped at step {saved['step']} of {args.get('steps')}: finish it with --resume, or delete it"
+    return None
 
 
 def sample_one(a, name, script, out, tag, extra):
@@ -207,19 +227,24 @@ def cells(a, s, real=False):
 
 # ----------------------------------------------------------------------------------------------------
 # Output: the table and one picture
-def table(a, rows, ref, notes):
-    """The markdown table (method, sampler, NFE, s/100, quality, coverage) with a header naming the run."""
+def commit():
+    """The code's git commit, for the tables' first line ("unknown" outside a git checkout)."""
     try:
         git = ["git", "-C", HERE]
-        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         if subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
                           text=True).stdout.strip():
-            commit += " + uncommitted changes"
+            head += " + uncommitted changes"
+        return head or "unknown"
     except OSError:
-        commit = "unknown"
+        return "unknown"
+
+
+def table(a, rows, ref, notes):
+    """The markdown table (method, sampler, NFE, s/100, quality, coverage) with a header naming the run."""
     what = f"{a.data}" + (f" ({', '.join(a.classes)})" if a.classes else "") + \
         ("" if data.is_2d(a.data) else f" {a.image_size}x{a.image_size}")
-    lines = [f"`python trilemma.py {' '.join(a.argv)}` at commit `{commit}`: {what}, {a.steps} training steps "
+    lines = [f"`python trilemma.py {' '.join(a.argv)}` at commit `{commit()}`: {what}, {a.steps} training steps "
              f"per method, {a.n_samples} samples per sampler, device {device(a.device)}.", "",
              "| method | sampler | NFE | s / 100 samples | quality | coverage |", "|---|---|---|---|---|---|"]
     for method, _, m, s in rows:
@@ -277,8 +302,10 @@ def sweep(a):
         if isinstance(got, str):
             notes.append(got)
             continue
-        with open(os.path.join(out, "metrics.json")) as f:
-            bound = {k: v for k, v in json.load(f).items() if k.startswith("test_")}
+        bound = {}
+        if os.path.isfile(os.path.join(out, "metrics.json")):    # written at the end of training
+            with open(os.path.join(out, "metrics.json")) as f:
+                bound = {k: v for k, v in json.load(f).items() if k.startswith("test_")}
         rows.append((label, got[0], dict(got[1], **bound)))
     return rows, notes
 
@@ -287,20 +314,24 @@ def sweep_table(a, rows, ref, notes):
     """The sweep's markdown table: setting, NFE, s/100, peak memory while sampling, quality, coverage (and the test
     bits/dim where the models report them)."""
     bound = any("test_bpd" in m for _, _, m, _ in rows)
-    head = "| setting | NFE | s / 100 samples | peak memory (MiB) | quality | coverage |" + \
+    head = "| setting | steps | NFE | s / 100 samples | peak memory (MiB) | quality | coverage |" + \
         (" test bits/dim (recon, prior, diff) |" if bound else "")
     budget = f"{a.steps} training steps" if a.steps else "each script's default training budget"
-    lines = [f"`python trilemma.py {' '.join(a.argv)}`: {a.data} {a.image_size}x{a.image_size}, {budget}, "
-             f"{a.n_samples} samples per row, device {device(a.device)}.", "",
+    what = f"{a.data}" + (f" ({', '.join(a.classes)})" if a.classes else "") + f" {a.image_size}x{a.image_size}"
+    lines = [f"`python trilemma.py {' '.join(a.argv)}` at commit `{commit()}`: {what}, {budget}, {a.n_samples} "
+             f"samples per row, device {device(a.device)}. Peak memory: of the --sample-only process, its peak "
+             "resident set on the CPU (Python, torch, the checkpoint and the sampler), the most its CUDA tensors "
+             "held on a GPU.", "",
              head, "|---" * (head.count("|") - 1) + "|"]
     for label, _, m, s in rows:
         quality, coverage = cells(a, s)
         mem = "-" if m.get("peak_mem_mb") is None else f"{m['peak_mem_mb']:.0f}"
-        lines.append(f"| {label} | {m['nfe']} | {m['sec_per_100']:.3g} | {mem} | {quality} | {coverage} |" +
+        lines.append(f"| {label} | {m.get('step', '-')} | {m['nfe']} | {m['sec_per_100']:.3g} | {mem} | {quality} | "
+                     f"{coverage} |" +
                      (f" {m['test_bpd']:.3f} ({m['test_recon']:.3f}, {m['test_prior']:.4f}, {m['test_diff']:.3f}) |"
                       if "test_bpd" in m else " - |" if bound else ""))
     quality, coverage = cells(a, ref["row"], real=True)
-    lines.append(f"| real data (train vs test) | - | - | - | {quality} | {coverage} |" + (" - |" if bound else ""))
+    lines.append(f"| real data (train vs test) | - | - | - | - | {quality} | {coverage} |" + (" - |" if bound else ""))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
@@ -313,10 +344,11 @@ def sweep_picture(rows, ref, path, n=12):
         data.save_grid(x[:n], tmp, nrow=n)
         strips.append(Image.open(tmp).convert("RGB"))
         os.remove(tmp)
-    left, gap = 230, 4
+    font, gap = ImageFont.load_default(size=15), 4
+    left = 12 + max(int(ImageDraw.Draw(strips[0]).textlength(label, font=font)) for label in labels)
     canvas = Image.new("RGB", (left + max(p.width for p in strips), sum(p.height + gap for p in strips)),
                        (255, 255, 255))
-    draw, font, top = ImageDraw.Draw(canvas), ImageFont.load_default(size=15), 0
+    draw, top = ImageDraw.Draw(canvas), 0
     for p, label in zip(strips, labels):
         canvas.paste(p, (left, top))
         draw.text((4, top + p.height // 2 - 8), label, fill=(0, 0, 0), font=font)
@@ -336,11 +368,13 @@ def get_parser():
                    "and MNIST are, e.g. ../shared/data")
     p.add_argument("--classes", nargs="+", default=None, help="keep these classes (names or indices), e.g. airplane")
     p.add_argument("--image-size", type=int, default=16, help="images are resized to this size")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="which methods to run")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, help="which methods to run "
+                   "(default: all four)")
     p.add_argument("--quick", action="store_true", help="CPU-sized budget: the whole run within ~30 min on 2 cores")
-    p.add_argument("--steps", type=int, default=None, help="training steps of every method (default: the setting's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every method (default: the setting's; "
+                   "with --sweep, each script's own)")
     p.add_argument("--n-samples", type=int, default=None, help="samples per sampler for the scores (default: the "
-                   "setting's)")
+                   f"setting's; with --sweep {SWEEP_SAMPLES} per row)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size of every method (default: each script's)")
     p.add_argument("--ch", type=int, default=None, help="UNet base channels of every method (default: each script's)")
     p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="UNet channel multipliers (default: each "
@@ -354,7 +388,8 @@ def get_parser():
                    "schedule, DDIM), vdm-T (VDM's number of steps); writes sweep.png")
     p.add_argument("--out", default=None, help="folder for the runs, table.md, results.json and the picture "
                    "(default runs/trilemma, with --sweep runs/<sweep>)")
-    p.add_argument("--reuse", action="store_true", help="reuse OUT/<method>/ckpt.pt where it exists (train the rest)")
+    p.add_argument("--reuse", action="store_true", help="reuse the checkpoints in OUT where they are what this "
+                   "command would train (train the rest)")
     p.add_argument("--seed", type=int, default=0, help="random seed of training and sampling")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where every method runs")
     return p
@@ -365,9 +400,12 @@ def main(argv=None):
     a = parser.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     setting = SETTINGS["quick" if a.quick else "full"]["2d" if data.is_2d(a.data) else "image"]
+    if a.sweep and (a.quick or a.methods):
+        parser.error("--sweep trains its own rows with each script's budget: drop --quick and --methods")
+    a.methods = a.methods or list(METHODS)
     if a.sweep:                                                  # each script's own budget unless --steps is given
         a.out = a.out or os.path.join("runs", a.sweep)
-        a.n_samples = a.n_samples or SWEEP_SAMPLES
+        a.n_samples = SWEEP_SAMPLES if a.n_samples is None else a.n_samples
     a.out = a.out or "runs/trilemma"
     a.steps = setting["steps"] if a.steps is None and not a.sweep else a.steps
     if a.n_samples is None:
@@ -437,7 +475,7 @@ def main_sweep(a):
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
     results = dict(args=vars(a), real=ref["row"], notes=notes,
-                   rows=[{"setting": label, **{k: v for k, v in m.items() if isinstance(v, (int, float, str))}, **s}
+                   rows=[{"setting": label, **{k: v for k, v in m.items() if v is None or isinstance(v, (int, float, str))}, **s}
                          for label, _, m, s in rows])          # the scores of the sweep replace the script's own
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
