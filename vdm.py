@@ -59,6 +59,7 @@ class Schedule(nn.Module):
         return self.b + self.w.abs() * self.shape(t)
 
 
+@torch.compiler.disable                                          # --compile: dynamo cannot trace autograd.grad
 def gamma_and_slope(schedule, t, create_graph=True):
     """gamma(t), gamma'(t) by autograd (a learned schedule gets gradients through gamma' too), and the
     interior's tensors (s(t), s'(t)) that --var-min hooks. Works under no_grad (evaluation)."""
