@@ -1,5 +1,4 @@
-"""Shortcut MCMC: Gang Chen 2023, "Speed up the inference of diffusion models via shortcut MCMC sampling"
-(arXiv 2301.01206).
+"""Shortcut MCMC: Gang Chen 2023, "Speed up the inference of diffusion models via shortcut MCMC sampling" (arXiv 2301.01206).
 
 Idea: a VDM-style diffusion model (continuous time, learnable linear gamma(t) = -log SNR(t)) is sampled through
 a short chain of K times drawn from a grid of T: start at t = 1, and at each jump t -> s predict
@@ -10,13 +9,11 @@ K-step sampler lands on the data. --lambda-fid 0 is the plain VDM baseline. The 
 (--fidelity l2) makes every sampler worse in our runs; the default is a variant (--fidelity energy): the energy
 distance between a batch of chain samples started from N(0, I), as at sampling, and a batch of data.
 
-Run:   python shortcut_mcmc.py --compare               # swirl: baseline vs shortcut, K=10 and all 200 (~3 min)
-       python shortcut_mcmc.py --fidelity l2 --lambda-fid 0.1 --out runs/shortcut_l2   # the paper's loss
-       python shortcut_mcmc.py --data glyphs           # images with the shared UNet (more in README.md)
+Run: `python shortcut_mcmc.py --compare` (swirl: baseline vs shortcut, K=10 and all 200, ~3 min); more in README.md.
 
-t convention: t is continuous in [0, 1] (gamma(0) least noise, gamma(1) most). The chain lives on the grid
-t = n / T, n in {1..T}: it starts at n = T and visits K distinct n from {1..T-1}, drawn afresh every training
-iteration, sorted descending. --K T-1 visits every grid time. The network sees gamma_t rescaled to [0, 1000].
+t convention: t in [0, 1] is continuous (gamma(0) least noise, gamma(1) most). The chain lives on the grid t = n / T,
+n in {1..T}: from n = T it visits K distinct n of {1..T-1} (drawn afresh every training iteration), descending; --K
+T-1 visits every grid time. The network sees gamma_t rescaled to [0, 1000].
 Re-noising (--renoise): eps_hat is DDIM's eta = 0 step; forward reuses the chain start's noise (training: the eps
 of z_1 = alpha_1 x0 + sigma_1 eps; sampling: z_1 itself); fresh draws new noise at every jump (z_s ~ q(z_s | x0_hat)).
 """
@@ -112,9 +109,8 @@ def sample_chain(model, shape, times, T, renoise, clip=True, generator=None, dev
 
 @torch.no_grad()
 def sample_ancestral(model, shape, T, clip=True, generator=None, device="cpu", dtype="float32"):
-    """VDM's ancestral sampler on the whole grid n = T..1 (Sec. 3.3): p(z_s | z_t) = q(z_s | z_t, x0_hat),
-    mean (alpha_s / alpha_t)(1 - c) z_t + alpha_s c x0_hat, variance sigma_s^2 c, c = -expm1(gamma_s - gamma_t).
-    Returns z_0 / alpha_0 (NFE = T)."""
+    """VDM's ancestral sampler on the grid n = T..1 (Sec. 3.3): p(z_s | z_t) = q(z_s | z_t, x0_hat), mean (alpha_s /
+    alpha_t)(1 - c) z_t + alpha_s c x0_hat, variance sigma_s^2 c, c = -expm1(gamma_s - gamma_t); returns z_0 / alpha_0."""
     g = model.gamma(torch.arange(T + 1, device=device) / T).double()
     alpha, sigma = (v.float() for v in alpha_sigma(g))
     z, t0 = torch.randn(shape, generator=generator, device=device), time.time()
@@ -131,9 +127,8 @@ def sample_ancestral(model, shape, T, clip=True, generator=None, device="cpu", d
 # ----------------------------------------------------------------------------------------------------
 # Losses: the VDM bound (continuous time) + lambda_fid * the fidelity loss through the chain
 def energy_distance(x, y):
-    """2 E|X - Y| - E|X - X'| - E|Y - Y'| between two batches, flattened per example (the MMD variant), per dimension:
-    the distances are divided by sqrt(D), so that --lambda-fid weighs 2-D points and D-pixel images alike (between
-    N(0, I) and N(0.5, I) it is ~0.15 at D = 2 and ~0.17 for large D, where unnormalised it would grow as sqrt(D))."""
+    """2 E|X - Y| - E|X - X'| - E|Y - Y'| between two batches flattened per example, the distances over sqrt(D) so that
+    --lambda-fid weighs 2-D points and images alike (N(0, I) vs N(0.5, I): ~0.15 at D = 2, ~0.17 at large D)."""
     x, y = x.flatten(1), y.flatten(1)
     ed = 2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()
     return ed / x.shape[1] ** 0.5
@@ -245,11 +240,8 @@ KEYS = ("model", "ema", "opt", "rng")                            # what a checkp
 
 def train(args, until=None):
     """Train to --steps (or stop at step `until`, checkpointed, for --compare's shared warm-up)."""
-    rank, world, device = data.setup_ddp(args.device)
-    data.seed_all(args.seed + rank)
-    ckpt = data.resume_or_refuse(args, "shortcut_mcmc", KEYS, ARCH)
+    rank, world, device, ckpt, (x, y, _) = data.start_training(args, "shortcut_mcmc", KEYS, ARCH)
     ckpt_path, a = os.path.join(args.out, "ckpt.pt"), vars(args)
-    x, y, _ = data.load(a["data"], "train", a["image_size"], a["data_dir"], a["classes"], a["seed"])
     a["channels"] = 2 if data.is_2d(a["data"]) else x.shape[1]
     if data.is_2d(a["data"]) and not a.get("box"):               # swirl's box: the training range, 5% margin
         a["box"] = data.points_box(x, 0.05)
@@ -259,9 +251,7 @@ def train(args, until=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()     # sampling weights; eval(): no dropout
     groups = [dict(params=list(model.net.parameters())), dict(params=[model.b, model.w], weight_decay=0.0)]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    if ckpt is not None:
-        data.load_states(ckpt, ckpt_path, model=model, ema=ema, opt=opt)
-    step = data.restore(ckpt, world)                             # every RNG as saved: the chain's times too
+    step = data.resume_states(ckpt, world, ckpt_path, model=model, ema=ema, opt=opt)   # every RNG: the chain's times too
     batches = data.batches(x, y, args.batch_size, args.flip, args.seed, device, start=step)
     real = data.reference(a, x, y)
     train_model = data.wrap_ddp(torch.compile(model) if args.compile else model, device)
@@ -269,10 +259,8 @@ def train(args, until=None):
 
     os.makedirs(args.out, exist_ok=True)
     log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
-    log(f"shortcut_mcmc | data {args.data} {tuple(x.shape)} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
-        f"| device {device} x{world} | T {args.T} K {args.K} renoise {args.renoise} | lambda_fid {args.lambda_fid} "
-        f"({args.fidelity}) from step {args.fid_start} every {args.fid_every} | batch {args.batch_size} x{world} | steps "
-        f"{step}..{args.steps}")
+    log(data.run_header("shortcut_mcmc", a, x, model, device, world, step, f"T {args.T} K {args.K} renoise {args.renoise} "
+                        f"| lambda_fid {args.lambda_fid} ({args.fidelity}) from step {args.fid_start} every {args.fid_every}"))
     sums, n_sum, avg = torch.zeros(4, dtype=torch.float64), 0, [float("nan")] * 4
     stop = args.steps if until is None else min(until, args.steps)
     while step < stop:
@@ -281,12 +269,7 @@ def train(args, until=None):
         use_fid = args.lambda_fid > 0 and step >= args.fid_start and (step - args.fid_start) % args.fid_every == 0
         terms = train_model(x0, cfg, use_fid)
         loss = terms[0] + terms[1] + terms[2] + args.lambda_fid * terms[3]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = data.clip_grad(model, args.grad_clip)
-        opt.step()
-        if bad := data.diverged([loss], [grad_norm], [model]):   # checked before anything can save this step
-            data.stop_diverged(log, step, bad, ckpt_path)
+        data.optimizer_step(opt, loss, model, args.grad_clip, log, step, ckpt_path)   # a diverged step is never saved
         step += 1
         data.ema_update(ema, model, args.ema, step)
         sums, n_sum = sums + torch.stack([v.detach().double().cpu() for v in terms]), n_sum + 1
@@ -295,10 +278,7 @@ def train(args, until=None):
             log.progress(step, f"loss {sum(avg[:3]):.4f} nats/dim (diff {avg[0]:.4f} prior {avg[1]:.4f} recon "
                          f"{avg[2]:.4f}) | fid {avg[3]:.4f} | gamma {g0:.2f}..{g1:.2f} | lr {lr:.2e}")
             sums, n_sum = torch.zeros(4, dtype=torch.float64), 0
-        if rank == 0 and args.sample_every and step % args.sample_every == 0 and step < args.steps:
-            with log.paused():                                   # sampling is not training time
-                xs = generate(ema, a, args.n_samples, args.seed, dtype=args.dtype)
-                data.save_samples(a, xs, os.path.join(args.out, f"samples_{step:07d}.png"), real)
+        data.sample_grid(args, a, step, rank, log, real, lambda _: generate(ema, a, args.n_samples, args.seed, dtype=args.dtype))
         if rank == 0 and (step % args.ckpt_every == 0 or step == stop):
             data.save_checkpoint(ckpt_path, "shortcut_mcmc", step, a, model=model, ema=ema, opt=opt)
 

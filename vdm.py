@@ -4,10 +4,9 @@ sets q(z_t | x) = N(alpha_t x, sigma_t^2 I), alpha_t^2 = sigmoid(-gamma_t), sigm
 The loss is the negative ELBO in bits/dim (Sec. 3.5), its diffusion term discrete (Sec. 4) or continuous (Sec. 5);
 sampling is ancestral, p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t)) (Sec. 3.3), then the argmax of the 256 logits.
 
-t convention: t is continuous in [0, 1], gamma(0) = gamma_0 the least noise, gamma(1) = gamma_1 the most.
---T N makes the diffusion loss discrete on t in {1/N, ..., 1} with s = t - 1/N. The sampler walks t_i = i/S,
-i = S..1 (S = --sample-steps, default T, or 1000 in continuous time). The network sees gamma_t rescaled to
-[0, 1] by the initial endpoints -13.3 and 5.0, times 1000.
+t convention: t in [0, 1] is continuous, gamma(0) = gamma_0 the least noise, gamma(1) = gamma_1 the most; --T N
+makes the diffusion loss discrete on t in {1/N, ..., 1}, s = t - 1/N. The sampler walks t_i = i/S, i = S..1 (S =
+--sample-steps: default T, or 1000 in continuous time). The network sees 1000 (gamma_t + 13.3) / 18.3.
 """
 import argparse
 import copy
