@@ -1576,12 +1576,14 @@ def test_trilemma_sweep_rows_share_models(tmp_path, monkeypatch, capsys):
         assert e.value.code == 2 and not (tmp_path / "bad").exists()
 
 
-def test_trilemma_bad_flags_exit_2(tmp_path):
+def test_trilemma_bad_flags_exit_2(tmp_path, capsys):
     for argv in (["--data", "imagenet"], ["--data", "glyphs", "--classes", "cat"], ["--steps", "0"],
-                 ["--methods", "gan"]):
+                 ["--methods", "gan"], ["--sweep", "ddpm"]):
         with pytest.raises(SystemExit) as e:
             trilemma.main(argv + ["--out", str(tmp_path / "x")])
         assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("trilemma.py: error: ") and err.count("\n") == 1         # one line, no usage block
     assert not (tmp_path / "x").exists()                                # nothing written
 
 

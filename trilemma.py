@@ -360,8 +360,8 @@ def sweep_picture(rows, ref, path, n=12):
 # ----------------------------------------------------------------------------------------------------
 # Command line
 def get_parser():
-    p = argparse.ArgumentParser(description="Train and sample DDPM, VDM, DDGAN and shortcut MCMC on the same data; "
-                                "one table of speed, quality and coverage.", allow_abbrev=False)
+    p = data.Parser(prog="trilemma.py", allow_abbrev=False, description="Train and sample DDPM, VDM, DDGAN and "
+                    "shortcut MCMC on the same data; one table of speed, quality and coverage.")   # errors: one line
     p.add_argument("--data", default="glyphs-mono", help="glyphs-mono (default: one-channel digits) | glyphs (colour) "
                    "| 25gaussians | swirl | cifar10 | stackedmnist | mnist | path to an image folder")
     p.add_argument("--data-dir", default="./data", help="where cifar10 (a torchvision copy or cifar10-jpeg.tar.gz) "
