@@ -9,6 +9,7 @@ file or method (test_data_*, test_unet_*, test_ddpm_*, test_vdm_*, test_ddgan_*,
 test_trilemma_*, test_plumbing_*), and the plumbing tests name the method in their ids, so that
 `pytest -k ddgan test_all.py` selects every DDGAN test.
 """
+import argparse
 import copy
 import json
 import math
@@ -1537,6 +1538,20 @@ def test_trilemma_sweep_rows_parse():
         for label, script, train_flags, sample_flags in rows:
             scripts[script].get_parser().parse_args(train_flags)
             scripts[script].get_parser().parse_args(["--sample-only", *sample_flags])
+
+
+def test_trilemma_reuse_compares_every_value_of_a_flag():
+    """--reuse compares flags with several values (--ch-mult 1 2 4) value by value, and the steps trained."""
+    a = argparse.Namespace(data="cifar10", image_size=16, classes=["airplane"])
+    args = dict(data="cifar10", image_size=16, classes=["airplane"], ch=64, ch_mult=[1, 2, 4], temb_dim=32, T=1000,
+                steps=30)
+    flags = trilemma.REPORT_UNET + ["--T", "1000", "--steps", "30"]
+    assert trilemma.flag_values(flags)["ch-mult"] == ["1", "2", "4"]
+    assert trilemma.reuse_mismatch(a, "ddpm.py", flags, dict(method="ddpm", step=30, args=args)) is None
+    other = ["--ch", "64", "--ch-mult", "1", "2", "--temb-dim", "32", "--T", "1000", "--steps", "30"]
+    assert "ch-mult" in trilemma.reuse_mismatch(a, "ddpm.py", other, dict(method="ddpm", step=30, args=args))
+    assert "stopped at step 20" in trilemma.reuse_mismatch(a, "ddpm.py", flags, dict(method="ddpm", step=20, args=args))
+    assert "not ddpm.py" in trilemma.reuse_mismatch(a, "ddpm.py", flags, dict(method="vdm", step=30, args=args))
 
 
 def test_trilemma_sweep_rows_share_models(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,8 @@ Run:   python trilemma.py --quick                         # glyphs-mono, all fou
        python trilemma.py --reuse                         # sample and score the existing checkpoints again
        python trilemma.py --sweep ddpm-T                  # the report's DDPM sweep: T, schedule, DDIM (see SWEEPS)
        python trilemma.py --sweep vdm-T                   # VDM discrete at T = 10, 100, 1000 and continuous
+       python trilemma.py --sweep ddpm-report --data cifar10 --classes airplane --data-dir ../shared/data --steps N
+                                                          # the report's DDPM set-up, T = 1000 (ancestral, DDIM 50)
 
 Writes to --out (default runs/trilemma): <method>/ (each script's own run folder: ckpt.pt, log.txt, ...),
 <method>/eval_<sampler>/ (the --sample-only run: .npz, metrics), table.md, results.json and trilemma.png.
@@ -70,12 +72,16 @@ TRAIN_EXTRA = {"shortcut": lambda steps: ["--fid-start", str(steps // 2)]}
 # The report's sweeps (--sweep NAME): one model per setting, each trained with its script's own defaults (budget,
 # network, lr), sampled and scored like the table's rows. A row: (label, script, training flags, --sample-only
 # flags); the rows that share a script and training flags read one model, in OUT/<training flags>/.
+REPORT_UNET = ["--ch", "64", "--ch-mult", "1", "2", "4", "--temb-dim", "32"]
 SWEEPS = {
     "ddpm-T": [(f"linear T={T}", "ddpm.py", ["--schedule", "linear", "--T", str(T)], []) for T in (20, 100)]
     + [(f"vp T={T}", "ddpm.py", ["--T", str(T)], []) for T in (20, 50, 100, 500, 1000, 2000)]
     + [(f"vp T=1000, DDIM S={S}", "ddpm.py", ["--T", "1000"], ["--sample-steps", str(S)]) for S in (20, 50, 100)],
     "vdm-T": [(f"discrete T={T}", "vdm.py", ["--T", str(T)], []) for T in (10, 100, 1000)]
     + [("continuous, sampled on 1000 steps", "vdm.py", [], [])],
+    # the report's own DDPM set-up (UNet 64/128/256, time embedding 32, T = 1000), meant for CIFAR-10 airplanes
+    "ddpm-report": [(f"report UNet, T=1000{', DDIM S=50' if extra else ''}", "ddpm.py", REPORT_UNET + ["--T", "1000"],
+                     extra) for extra in ([], ["--sample-steps", "50"])],
 }
 
 
@@ -135,14 +141,26 @@ def train(a, name, script, out, flags):
     return None if code == 0 else f"training failed (exit {code}): {last}"
 
 
+def flag_values(flags):
+    """["--ch-mult", "1", "2", "--T", "5"] -> {"ch-mult": ["1", "2"], "T": ["5"]}."""
+    out = {}
+    for f in flags:
+        if f.startswith("--"):
+            out[f[2:]] = []
+        else:
+            out[next(reversed(out))].append(f)
+    return out
+
+
 def reuse_mismatch(a, script, flags, saved):
     """Why a saved checkpoint is not the model these flags would train, or None: another script, other data, a
-    flag's value that differs (flags as "--name value" pairs), or a run that stopped before its last step."""
+    flag's value that differs (flags as "--name value(s)"), or a run that stopped before its last step."""
     args = saved["args"]
     if saved.get("method") != script[:-3]:
         return f"is a {saved.get('method')} checkpoint, not {script}'s"
     differ = [k for k in ("data", "image_size", "classes") if args.get(k) != getattr(a, k)]
-    differ += [f[2:] for f, v in zip(flags[::2], flags[1::2]) if str(args.get(f[2:].replace("-", "_"))) != v]
+    differ += [name for name, values in flag_values(flags).items()
+               if [str(v) for v in np.atleast_1d(args.get(name.replace("-", "_")))] != values]
     if differ:                                                   # the samples would not be this row's model
         return f"has other {', '.join(differ)} than asked for"
     if saved["step"] != args.get("steps"):
@@ -385,7 +403,8 @@ def get_parser():
     p.add_argument("--layers", type=int, default=None, help="2-D MLP hidden layers (default: each script's)")
     p.add_argument("--sweep", choices=list(SWEEPS), default=None, help="instead of the four methods, one method "
                    "over a row of settings, each with its script's default training budget: ddpm-T (DDPM's T and "
-                   "schedule, DDIM), vdm-T (VDM's number of steps); writes sweep.png")
+                   "schedule, DDIM), vdm-T (VDM's number of steps), ddpm-report (the report's UNet at T = 1000, for "
+                   "--data cifar10 --classes airplane); writes sweep.png")
     p.add_argument("--out", default=None, help="folder for the runs, table.md, results.json and the picture "
                    "(default runs/trilemma, with --sweep runs/<sweep>)")
     p.add_argument("--reuse", action="store_true", help="reuse the checkpoints in OUT where they are what this "
@@ -475,7 +494,8 @@ def main_sweep(a):
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(md)
     results = dict(args=vars(a), real=ref["row"], notes=notes,
-                   rows=[{"setting": label, **{k: v for k, v in m.items() if v is None or isinstance(v, (int, float, str))}, **s}
+                   rows=[{"setting": label, **{k: v for k, v in m.items()
+                                               if v is None or isinstance(v, (int, float, str))}, **s}
                          for label, _, m, s in rows])          # the scores of the sweep replace the script's own
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
