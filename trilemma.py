@@ -25,7 +25,7 @@ Run:   python trilemma.py --quick                         # glyphs-mono, all fou
        python trilemma.py --sweep ddpm-T                  # the report's DDPM sweep: T, schedule, DDIM (see SWEEPS)
        python trilemma.py --sweep vdm-T                   # VDM discrete at T = 10, 100, 1000 and continuous
        python trilemma.py --sweep ddpm-report --data cifar10 --classes airplane --data-dir ../shared/data --steps N
-                                                          # the report's DDPM set-up, T = 1000 (ancestral, DDIM 50)
+                                                          # the report's set-up: T = 1000 (and DDIM 50), T = 2000
 
 Writes to --out (default runs/trilemma): <method>/ (each script's own run folder: ckpt.pt, log.txt, ...),
 <method>/eval_<sampler>/ (the --sample-only run: .npz, metrics), table.md, results.json and trilemma.png.
@@ -81,7 +81,8 @@ SWEEPS = {
     + [("continuous, sampled on 1000 steps", "vdm.py", [], [])],
     # the report's own DDPM set-up (UNet 64/128/256, time embedding 32, T = 1000), meant for CIFAR-10 airplanes
     "ddpm-report": [(f"report UNet, T=1000{', DDIM S=50' if extra else ''}", "ddpm.py", REPORT_UNET + ["--T", "1000"],
-                     extra) for extra in ([], ["--sample-steps", "50"])],
+                     extra) for extra in ([], ["--sample-steps", "50"])]
+    + [("report UNet, T=2000", "ddpm.py", REPORT_UNET + ["--T", "2000"], [])],     # the report ran out of memory here
 }
 
 
@@ -403,8 +404,8 @@ def get_parser():
     p.add_argument("--layers", type=int, default=None, help="2-D MLP hidden layers (default: each script's)")
     p.add_argument("--sweep", choices=list(SWEEPS), default=None, help="instead of the four methods, one method "
                    "over a row of settings, each with its script's default training budget: ddpm-T (DDPM's T and "
-                   "schedule, DDIM), vdm-T (VDM's number of steps), ddpm-report (the report's UNet at T = 1000, for "
-                   "--data cifar10 --classes airplane); writes sweep.png")
+                   "schedule, DDIM), vdm-T (VDM's number of steps), ddpm-report (the report's UNet at T = 1000 and "
+                   "2000, for --data cifar10 --classes airplane); writes sweep.png")
     p.add_argument("--out", default=None, help="folder for the runs, table.md, results.json and the picture "
                    "(default runs/trilemma, with --sweep runs/<sweep>)")
     p.add_argument("--reuse", action="store_true", help="reuse the checkpoints in OUT where they are what this "
