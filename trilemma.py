@@ -79,7 +79,7 @@ SWEEPS = {
     + [(f"vp T=1000, DDIM S={S}", "ddpm.py", ["--T", "1000"], ["--sample-steps", str(S)]) for S in (20, 50, 100)],
     "vdm-T": [(f"discrete T={T}", "vdm.py", ["--T", str(T)], []) for T in (10, 100, 1000)]
     + [("continuous, sampled on 1000 steps", "vdm.py", [], [])],
-    # the report's own DDPM set-up (UNet 64/128/256, time embedding 32, T = 1000), meant for CIFAR-10 airplanes
+    # the report's own DDPM set-up (UNet 64/128/256, time embedding 32, T = 1000 and 2000), for CIFAR-10 airplanes
     "ddpm-report": [(f"report UNet, T=1000{', DDIM S=50' if extra else ''}", "ddpm.py", REPORT_UNET + ["--T", "1000"],
                      extra) for extra in ([], ["--sample-steps", "50"])]
     + [("report UNet, T=2000", "ddpm.py", REPORT_UNET + ["--T", "2000"], [])],     # the report ran out of memory here
