@@ -130,22 +130,10 @@ def sample(gen, sched, shape, nz, generator=None, device="cpu"):
 
 # ----------------------------------------------------------------------------------------------------
 # One training iteration (Alg. 1 of the paper's App.): D steps, then a G step, each on a draw of t, pair and z
-def t_weights(sched):
-    """--t-sampling signal (a deviation): p(t) proportional to sqrt(alpha_bar_{t-1}) - sqrt(alpha_bar_t), the share
-    of the signal that step t removes. At T = 8: 0.08 0.20 0.24 0.21 0.14 0.08 0.04 0.02, against 1/8 each; the
-    near-noise steps, where x0 barely moves x_{t-1}, get less of the batch."""
-    w = sched["alpha_bar_prev"].sqrt() - sched["alpha_bar"].sqrt()
-    return w / w.sum()
-
-
-def draw(gen, sched, x0, nz, t_prob=None):
-    """One draw of the game's inputs: t ~ U{1..T} (or t ~ t_prob), the real pair (x_{t-1}, x_t) from the forward
-    process and a fake x_{t-1} ~ q(. | x_t, G(x_t, t, z)). Under no_grad for a D step; with grad when the G step
-    reuses it."""
-    if t_prob is None:   # the paper
-        t = torch.randint(1, len(sched["beta"]) + 1, (len(x0),), device=x0.device)
-    else:
-        t = torch.multinomial(t_prob.to(x0.device), len(x0), replacement=True) + 1
+def draw(gen, sched, x0, nz):
+    """One draw of the game's inputs: t ~ U{1..T}, the real pair (x_{t-1}, x_t) from the forward process and a
+    fake x_{t-1} ~ q(. | x_t, G(x_t, t, z)). Under no_grad for a D step; with grad when the G step reuses it."""
+    t = torch.randint(1, len(sched["beta"]) + 1, (len(x0),), device=x0.device)
     x_prev, x_t = q_sample_pairs(sched, x0, t)
     z = torch.randn(len(x0), nz, device=x0.device) if nz else None
     return t, x_prev, x_t, sample_posterior(sched, gen(x_t, t, z), x_t, t)
@@ -275,7 +263,6 @@ def train(args):
     gen = gen_fn(data.wrap_ddp(torch.compile(G) if args.compile else G, device), args.T, args.dtype)
     disc = disc_fn(data.wrap_ddp(D, device), args.T, args.dtype)
     sched, nz = make_schedule(args.T, args.beta_min, args.beta_max), 0 if args.no_z else args.nz
-    t_prob = t_weights(sched) if args.t_sampling == "signal" else None
 
     os.makedirs(args.out, exist_ok=True)
     log = data.Log(args.out, rank == 0, step, args.steps, args.log_every)
@@ -292,10 +279,10 @@ def train(args):
         for k in range(args.d_steps):                            # the paper: 1; the CPU recipe: 2
             keep = args.share_fake and k == args.d_steps - 1     # --share-fake: the G step reuses this draw
             with torch.set_grad_enabled(keep):
-                pair = draw(gen, sched, x0, nz, t_prob)
+                pair = draw(gen, sched, x0, nz)
             s, norm_d = d_step(disc, D, opt_d, pair, args.r1_gamma * (reg and k == 0), args.grad_clip, args.loss)
         if not args.share_fake:                                  # the paper: a fresh t, pair and z for G
-            pair = draw(gen, sched, x0, nz, t_prob)
+            pair = draw(gen, sched, x0, nz)
         s["g"], norm_g = g_step(disc, G, D, opt_g, pair, args.grad_clip, args.loss)
         bad = data.diverged([s["d"], s["g"]], [norm_d, norm_g], [G, D])
         if bad:
@@ -378,9 +365,6 @@ def get_parser():
                    "images, a deviation)")
     d.add_argument("--share-fake", action=argparse.BooleanOptionalAction, default=None, help="G reuses the last D "
                    "step's draw (1.2x faster; default for images, a deviation); --no-share-fake: a fresh one (the paper)")
-    d.add_argument("--t-sampling", choices=["uniform", "signal"], default="uniform", help="how the training step t "
-                   "is drawn: uniform (the paper) or signal, p(t) proportional to the signal step t removes (a "
-                   "deviation, see t_weights)")
     d.add_argument("--r1-gamma", type=float, default=None, help="R1 weight gamma (default: 0 images, 0.04 2-D; the "
                    "paper's CIFAR-10 0.02)")
     d.add_argument("--lazy-reg", type=int, default=None, help="apply R1 every this many steps (0: never; default "

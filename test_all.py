@@ -1216,30 +1216,6 @@ def test_ddgan_share_fake_draws(tmp_path, monkeypatch, share):
     assert pairs == [True, True]                       # G's gradient flows through the fake it is scored on
 
 
-def test_ddgan_t_sampling_signal_weights_and_draws(tmp_path, monkeypatch):
-    """--t-sampling signal: p(t) sums to 1, is largest at a middle step and gives the near-noise steps less than
-    1/T; draw() then takes t from it (a one-hot p gives only that step), and the training loop passes it on."""
-    for T in (2, 4, 8):
-        w = ddgan.t_weights(ddgan.make_schedule(T))
-        assert w.shape == (T,) and (w > 0).all() and torch.isclose(w.sum(), torch.tensor(1.0))
-        assert w[-1] < 1 / T
-    w8 = ddgan.t_weights(ddgan.make_schedule(8))
-    assert w8.argmax() == 2 and w8[5:].sum() < 0.15 and w8[:4].sum() > 0.7
-    s, x0 = ddgan.make_schedule(8), torch.randn(200, 1, 4, 4)
-    gen = lambda x_t, t, z: torch.zeros_like(x_t)
-    t = ddgan.draw(gen, s, x0, 0, torch.eye(8)[5])[0]
-    assert (t == 6).all()
-    torch.manual_seed(0)
-    t = ddgan.draw(gen, s, torch.randn(20000, 1, 1, 1), 0, w8)[0]
-    share = torch.bincount(t - 1, minlength=8).float() / len(t)
-    assert (share - w8).abs().max() < 0.015 and t.min() >= 1 and t.max() <= 8
-    seen, orig = [], ddgan.draw
-    monkeypatch.setattr(ddgan, "draw", lambda *a: seen.append(a[4]) or orig(*a))
-    ddgan.main(_small_image_flags(str(tmp_path / "ts"), steps=1) + ["--T", "8", "--t-sampling", "signal"])
-    ddgan.main(_small_image_flags(str(tmp_path / "tu"), steps=1) + ["--T", "8"])
-    assert torch.equal(seen[0], w8) and seen[-1] is None          # the default stays the paper's uniform t
-
-
 def test_ddgan_smoke_2d(tmp_path):
     out = str(tmp_path / "g2d")
     ddgan.main(["--data", "25gaussians", "--hidden", "32", "--layers", "2", "--nz", "4", "--batch-size", "64",
